@@ -1,0 +1,10 @@
+"""The exceptions the core library raises; the server maps them to gRPC status codes in one place."""
+
+
+class DeltaMaskError(Exception):
+    """Base class of every error the core library raises on purpose."""
+
+
+class PayloadError(DeltaMaskError, ValueError):
+    """Anything wrong with a serialized update or theta message: truncated, garbled, unknown codec,
+    wrong d, an image of the wrong kind or size. Raised before any state is touched."""

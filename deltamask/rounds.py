@@ -1,0 +1,70 @@
+"""One round of DeltaMask as named steps, shared by the simulator, the coordinator and the edge client.
+
+    client:  reference mask -> own sample -> delta -> rank (KL) -> top kappa -> encode
+    server:  decode -> reference mask -> flip -> (digest check) -> add to counts -> theta
+
+Arrays in, arrays out: no I/O, no clock, no network.
+"""
+from dataclasses import dataclass
+from typing import Tuple
+
+import numpy as np
+
+from deltamask.codecs import MASK, Codec, DecodedUpdate
+from deltamask.delta import bernoulli_kl, delta_positions, top_kappa
+from deltamask.sampling import (PER_CLIENT, MaskDigest, reference_seed, sample_mask, sample_seed,
+                                theta_to_thresholds, thresholds_to_theta)
+
+REBUILD_CHUNK = 1 << 20  # positions per step of the server-side rebuild (a multiple of 8)
+
+
+@dataclass(frozen=True)
+class Upload:
+    """What a client sends for a round, and what it knows about it."""
+
+    payload: bytes
+    reference_digest: str  # hex SHA-256 of the reference mask the client drew
+    delta: int  # positions where the client's sample differs from its reference
+    kept: int  # positions coded in the payload (all of the delta for the raw mask)
+
+
+def client_update(thresholds_g: np.ndarray, theta_k: np.ndarray, round_seed: int, client_id: str,
+                  kappa: float, codec: Codec, mode: str = PER_CLIENT) -> Upload:
+    """Turn a client's trained theta_k into its upload for the round (paper Eq. 4, Algorithm 1 l. 6-11).
+
+    `thresholds_g` is the global theta as received (uint32 thresholds), `theta_k` the trained
+    probabilities (float, length d).
+    """
+    d = len(thresholds_g)
+    if len(theta_k) != d:
+        raise ValueError(f"theta_k has {len(theta_k)} positions, the global theta {d}")
+    reference = sample_mask(thresholds_g, reference_seed(round_seed, client_id, mode))
+    mask = sample_mask(theta_to_thresholds(theta_k), sample_seed(round_seed, client_id))
+    flips = delta_positions(reference, mask)
+    if codec.carries == MASK:
+        payload, kept = codec.encode(mask, d), len(flips)
+    else:
+        scores = bernoulli_kl(theta_k[flips], thresholds_to_theta(thresholds_g[flips]))
+        chosen = top_kappa(flips, scores, kappa)
+        payload, kept = codec.encode(chosen, d), len(chosen)
+    return Upload(payload, MaskDigest(d).update(reference).hexdigest(), len(flips), kept)
+
+
+def rebuild_client_mask(update: DecodedUpdate, thresholds_g: np.ndarray, round_seed: int, client_id: str,
+                        mode: str = PER_CLIENT) -> Tuple[np.ndarray, str]:
+    """Rebuild a client's mask on the server: its reference mask with the decoded flips applied.
+
+    Returns the mask packed 8 positions a byte (least significant bit first; memory d/8) and the hex
+    digest of the reference mask drawn, to compare with the one the client sent before the mask is
+    added to the counts. Works in slices of REBUILD_CHUNK positions; each slice is independent.
+    """
+    d = len(thresholds_g)
+    seed = reference_seed(round_seed, client_id, mode)
+    packed = np.empty((d + 7) // 8, dtype=np.uint8)
+    digest = MaskDigest(d)
+    for lo in range(0, d, REBUILD_CHUNK):
+        hi = min(lo + REBUILD_CHUNK, d)
+        reference = sample_mask(thresholds_g[lo:hi], seed, lo)
+        digest.update(reference)
+        packed[lo // 8:(hi + 7) // 8] = np.packbits(update.client_mask(reference, lo), bitorder="little")
+    return packed, digest.hexdigest()

@@ -1,0 +1,75 @@
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from deltamask.aggregation import MEAN, MODE, BetaCounts, reset_due, reset_period, theta_from_counts
+
+
+@given(st.integers(1, 8), st.integers(1, 200), st.integers(0, 2**32 - 1))
+@settings(max_examples=60, deadline=None)
+def test_counts_are_the_sum_of_the_masks_added_one_at_a_time(k, d, seed):
+    rng = np.random.default_rng(seed)
+    masks = rng.random((k, d)) < rng.random(d)
+    counts = BetaCounts(d)
+    for mask in masks:
+        counts.add(mask)
+    assert counts.masks == k
+    assert np.array_equal(counts.ones, masks.sum(axis=0))
+    theta = counts.theta(MODE)
+    assert np.allclose(theta, masks.mean(axis=0))  # lambda0 = 1: the mode is the fraction of ones
+    mean = counts.theta(MEAN)
+    assert np.allclose(mean, (masks.sum(axis=0) + 1) / (k + 2))
+    assert np.all((0 <= theta) & (theta <= 1))
+
+
+@given(st.integers(1, 3000), st.integers(0, 2**32 - 1))
+@settings(max_examples=40, deadline=None)
+def test_packed_masks_add_like_bool_masks(d, seed):
+    mask = np.random.default_rng(seed).random(d) < 0.3
+    a, b = BetaCounts(d), BetaCounts(d)
+    a.add(mask)
+    b.add_packed(np.packbits(mask, bitorder="little"), chunk=64)
+    assert np.array_equal(a.ones, b.ones) and a.masks == b.masks == 1
+
+
+def test_mode_with_a_stronger_prior():
+    ones = np.array([0, 3, 10])
+    theta = theta_from_counts(ones, masks=10, lambda0=2.0)
+    assert np.allclose(theta, (ones + 1) / 12)
+
+
+def test_mode_is_undefined_without_masks_and_keeps_the_previous_theta():
+    previous = np.array([0.99, 0.5])
+    assert np.array_equal(BetaCounts(2).theta(previous=previous), previous)
+    with pytest.raises(ValueError, match="previous"):
+        BetaCounts(2).theta()
+    with pytest.raises(ValueError, match="formula"):
+        theta_from_counts(np.zeros(2), 1, formula="median")
+
+
+def test_mean_never_decides_a_position_the_mode_can():
+    """Why the mode is the default: with a reset every round the mean stays inside (0, 1)."""
+    k = 10
+    counts = BetaCounts(1)
+    for _ in range(k):
+        counts.add(np.array([True]))
+    assert counts.theta(MODE)[0] == 1.0
+    assert counts.theta(MEAN)[0] == pytest.approx((k + 1) / (k + 2))
+
+
+def test_reset_restores_the_prior():
+    counts = BetaCounts(3)
+    counts.add(np.array([True, False, True]))
+    counts.reset()
+    assert counts.masks == 0 and not counts.ones.any()
+
+
+def test_reset_period_is_ceil_one_over_rho_even_where_floating_point_says_otherwise():
+    assert reset_period(1.0) == 1
+    assert reset_period(0.5) == 2
+    assert reset_period(1 / 3) == 3  # 1 / (1/3) == 3.0000000000000004
+    assert reset_period(0.3) == 4
+    assert [r for r in range(7) if reset_due(r, 1 / 3)] == [0, 3, 6]
+    with pytest.raises(ValueError):
+        reset_period(0)
