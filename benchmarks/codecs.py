@@ -10,12 +10,12 @@ flipped; it is decoded back to the whole mask.
 For the filter codecs the same run also times the per-key alternatives and extrapolates them to d
 lookups: pyfusefilter's public Python API (`Fuse8(...).contains(i)`, which hashes str(i) with xxh64
 one key at a time) and the C `*_contain` function called through cffi, one key at a time, on the
-same filter the codec builds.
+payload's own filter (deserialised by the C library), whose answers are also checked against the decode.
 
 Run from the repository root:
 
     python benchmarks/codecs.py --quick          # d = 35,439,360 at density 1%, bfuse8 and exact (< 1 min)
-    python benchmarks/codecs.py                  # d in {1M, 10M, 35,439,360} x density in {0.1%, 1%, 5%} x 6 codecs
+    python benchmarks/codecs.py                  # d in {1M, 10M, 35,439,360} x {0.1%, 1%, 5%} x 6 codecs
     python benchmarks/codecs.py --d 1000000 --density 0.01 --codecs bfuse8 xor8 --seed 3
 
 One JSON object per line on stdout (progress and a closing summary go to stderr through logging):
@@ -39,7 +39,7 @@ One JSON object per line on stdout (progress and a closing summary go to stderr 
     per_key_decode_s         pyfusefilter public API, contains() per key, extrapolated to d lookups
                              (null when k > 2,000,000: building that filter is skipped)
     decode_speedup           per_key_decode_s / decode_s (null when per_key_decode_s is)
-    per_key_c_decode_s       the C *_contain per key through cffi on the codec's filter, extrapolated to d
+    per_key_c_decode_s       the C *_contain per key through cffi on the payload's filter, extrapolated to d
     c_decode_speedup         per_key_c_decode_s / decode_s
     per_key_sample           number of random lookups timed for the per-key figures
     c_sample_mismatches      sampled positions where the codec's decode and the C filter disagree (must be 0)
@@ -68,6 +68,7 @@ from pyfusefilter._xorfilter import ffi, lib
 
 from deltamask.bits import bits_per_position, bpp, exact_floor_bits, filter_floor_bits, payload_bits
 from deltamask.codecs import CODECS, MASK, Codec, decode
+from deltamask.codecs.base import read_frame
 from deltamask.codecs.filters import FilterCodec
 
 LOG = logging.getLogger("benchmarks.codecs")
@@ -171,7 +172,8 @@ def count_false_flips(codec: Codec, positions: np.ndarray, decoded: np.ndarray) 
     found = np.isin(positions, decoded, assume_unique=True)
     if not found.all():
         missing = positions[~found]
-        raise AssertionError(f"{codec.name}: {len(missing)} false negatives, e.g. positions {missing[:5].tolist()}")
+        raise AssertionError(f"{codec.name}: {len(missing)} false negatives, "
+                             f"e.g. positions {missing[:5].tolist()}")
     false_flips = int(np.count_nonzero(~np.isin(decoded, positions)))
     if false_flips and codec.false_positive_rate == 0.0:
         raise AssertionError(f"{codec.name} is lossless but decoded {false_flips} false flips")
@@ -205,19 +207,19 @@ def public_api_per_key(codec: FilterCodec, positions: np.ndarray, sample: List[i
     return time_per_key(filt.contains, sample)
 
 
-def c_per_key(codec: FilterCodec, positions: np.ndarray, sample: List[int],
+def c_per_key(codec: FilterCodec, payload: bytes, d: int, sample: List[int],
               decoded: np.ndarray) -> Tuple[float, int]:
-    """Seconds per lookup through the C *_contain (cffi) on the codec's filter, rebuilt from the same
-    keys the way the codec builds it, and the sampled positions where it disagrees with `decoded`."""
+    """Seconds per lookup through the C *_contain (cffi), one key at a time, on the very filter in
+    `payload` (its header and fingerprints deserialised by the C library), and the number of sampled
+    positions where the C answer differs from `decoded` (the codec's decode)."""
     kind = codec.kind
+    update = decode(payload, d)
+    fingerprints = update.fingerprints
+    raw = read_frame(payload).header + fingerprints.astype(fingerprints.dtype.newbyteorder("<")).tobytes()
     filt = ffi.new(f"{kind}_t *")
-    if not getattr(lib, f"{kind}_allocate")(len(positions), filt):
-        raise MemoryError(f"{kind}: cannot allocate a filter for {len(positions)} keys")
+    if not getattr(lib, f"{kind}_deserialize")(filt, ffi.from_buffer(raw)):
+        raise MemoryError(f"{kind}: cannot deserialise the payload's filter")
     try:
-        populate = getattr(lib, f"{kind}_buffered_populate" if kind.startswith("xor") else f"{kind}_populate")
-        keys = positions.astype(np.uint64)  # a copy: populate sorts and de-duplicates in place
-        if not populate(ffi.from_buffer("uint64_t[]", keys), len(keys), filt):
-            raise RuntimeError(f"{kind}: construction failed for {len(keys)} keys")
         contain = getattr(lib, f"{kind}_contain")
         per_key = time_per_key(lambda i: contain(i, filt), sample)
         c_answers = np.fromiter((contain(i, filt) for i in sample), dtype=bool, count=len(sample))
@@ -260,7 +262,7 @@ def bench_codec(codec: Codec, d: int, density: float, positions: np.ndarray,
     if isinstance(codec, FilterCodec):
         if k:
             public = public_api_per_key(codec, positions, sample)
-            c_key, mismatches = c_per_key(codec, positions, sample, decoded)
+            c_key, mismatches = c_per_key(codec, payload, d, sample, decoded)
         else:
             public, c_key, mismatches = None, None, 0
         if mismatches:
