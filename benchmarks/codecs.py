@@ -16,6 +16,7 @@ Run from the repository root:
 
     python benchmarks/codecs.py --quick          # d = 35,439,360 at density 1%, bfuse8 and exact (< 1 min)
     python benchmarks/codecs.py                  # d in {1M, 10M, 35,439,360} x {0.1%, 1%, 5%} x 6 codecs
+    DELTAMASK_KERNEL=numpy python benchmarks/codecs.py --quick   # the NumPy decode path only
     python benchmarks/codecs.py --d 1000000 --density 0.01 --codecs bfuse8 xor8 --seed 3
 
 One JSON object per line on stdout (progress and a closing summary go to stderr through logging):
@@ -42,6 +43,7 @@ One JSON object per line on stdout (progress and a closing summary go to stderr 
     per_key_c_decode_s       the C *_contain per key through cffi on the payload's filter, extrapolated to d
     c_decode_speedup         per_key_c_decode_s / decode_s
     per_key_sample           number of random lookups timed for the per-key figures
+    decode_path              "compiled" (the optional cffi kernel) or "numpy" (the reference path)
     c_sample_mismatches      sampled positions where the codec's decode and the C filter disagree (must be 0)
 
 A decoded set missing an input position (a false negative) or a lossless codec with a false flip raises.
@@ -68,6 +70,7 @@ from pyfusefilter._xorfilter import ffi, lib
 
 from deltamask.bits import bits_per_position, bpp, exact_floor_bits, filter_floor_bits, payload_bits
 from deltamask.codecs import CODECS, MASK, Codec, decode
+from deltamask.codecs import kernel
 from deltamask.codecs.base import read_frame
 from deltamask.codecs.filters import FilterCodec
 
@@ -327,11 +330,15 @@ def main(argv: Optional[List[str]] = None) -> int:
     ds, densities, codec_names = settings(args)
     LOG.info("codecs %s; d %s; densities %s; seed %d", ",".join(codec_names),
              ",".join(map(str, ds)), ",".join(map(str, densities)), args.seed)
+    path = "compiled" if kernel.load() is not None else "numpy"  # built here, outside every timing
+    LOG.info("filter membership path: %s (DELTAMASK_KERNEL=numpy forces the NumPy path)", path)
     t0 = time.perf_counter()
     rows: List[Row] = []
     for d in ds:
         for density in densities:
             for row in bench_setting(d, density, codec_names, args.seed, args.repeats, args.sample):
+                if isinstance(CODECS[row["codec"]], FilterCodec):
+                    row["decode_path"] = path
                 row = finite(row)
                 rows.append(row)
                 print(json.dumps(row), flush=True)

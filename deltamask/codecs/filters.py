@@ -18,7 +18,7 @@ from typing import Tuple
 
 import numpy as np
 
-from deltamask.codecs import png
+from deltamask.codecs import kernel, png
 from deltamask.codecs.base import Codec, FlipUpdate, Frame, pack_frame
 from deltamask.errors import PayloadError
 
@@ -144,12 +144,23 @@ class FilterUpdate(FlipUpdate):
 
     def flips(self, start: int, stop: int) -> np.ndarray:
         out = np.empty(stop - start, dtype=bool)
+        compiled = kernel.load()
+        if compiled is not None:
+            self._compiled_flips(compiled, start, out)
+            return out
         member = bfuse_membership if self.kind.startswith("binary_fuse") else xor_membership
         for lo in range(start, stop, CHUNK):
             hi = min(lo + CHUNK, stop)
             member(np.arange(lo, hi, dtype=np.uint64), self.params, self.fingerprints,
                    out=out[lo - start:hi - start])
         return out
+
+
+    def _compiled_flips(self, compiled, start: int, out: np.ndarray) -> None:
+        ffi, fn = compiled.ffi, getattr(compiled.lib, self.kind.replace("binary_fuse", "bfuse") + "_member")
+        ctype = "uint8_t[]" if self.fingerprints.dtype.itemsize == 1 else "uint16_t[]"
+        fingerprints = ffi.from_buffer(ctype, np.ascontiguousarray(self.fingerprints))
+        fn(start, len(out), *self.params, fingerprints, ffi.from_buffer("uint8_t[]", out.view(np.uint8)))
 
 
 class EmptyUpdate(FlipUpdate):

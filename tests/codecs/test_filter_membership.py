@@ -3,7 +3,7 @@ import numpy as np
 import pytest
 from pyfusefilter._xorfilter import ffi, lib
 
-from deltamask.codecs import get_codec
+from deltamask.codecs import get_codec, kernel
 
 KINDS = {"bfuse8": "binary_fuse8", "bfuse16": "binary_fuse16", "xor8": "xor8", "xor16": "xor16"}
 
@@ -19,9 +19,19 @@ def c_filter(kind, keys):
     return filt
 
 
+@pytest.fixture(params=["numpy", "compiled"])
+def membership_path(request, monkeypatch):
+    """Run a test once through the NumPy path and once through the optional compiled kernel."""
+    if request.param == "numpy":
+        monkeypatch.setattr(kernel, "load", lambda: None)
+    elif kernel.load() is None:
+        pytest.skip("no C compiler here: the compiled kernel is unavailable")
+    return request.param
+
+
 @pytest.mark.parametrize("name", sorted(KINDS))
 @pytest.mark.parametrize("n", [1, 7, 1000, 60_000])
-def test_decode_matches_c_library_on_random_keys(name, n):
+def test_decode_matches_c_library_on_random_keys(name, n, membership_path):
     kind = KINDS[name]
     d = 3_000_000
     rng = np.random.default_rng(n)
@@ -41,3 +51,9 @@ def test_decode_matches_c_library_on_random_keys(name, n):
         assert np.array_equal(update.flips(lo, lo + 50_000), theirs_range)
     finally:
         getattr(lib, f"{kind}_free")(filt)
+
+
+def test_kernel_can_be_turned_off(monkeypatch):
+    monkeypatch.setenv("DELTAMASK_KERNEL", "numpy")
+    monkeypatch.setattr(kernel, "_loaded", False)
+    assert kernel.load() is None
