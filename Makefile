@@ -3,7 +3,7 @@ PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 
-.PHONY: test install bench-codecs clean
+.PHONY: test install bench-codecs bench-thetawire clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -20,6 +20,9 @@ test: install
 
 bench-codecs: install
 	$(BIN)/python benchmarks/codecs.py
+
+bench-thetawire: install
+	$(BIN)/python benchmarks/thetawire.py
 
 clean:
 	rm -rf $(VENV) build *.egg-info .pytest_cache .hypothesis

@@ -47,25 +47,23 @@ def encode_theta(thresholds: np.ndarray) -> bytes:
         raise ValueError(f"thresholds must lie in [0, {ONE}]")
     d = len(t)
     fill = _most_frequent(t)
-    others = np.flatnonzero(t != fill)
-    values, inverse, counts = np.unique(t[others], return_inverse=True, return_counts=True)
+    others = np.flatnonzero(t != fill)  # sorted positions that hold another value
+    values, counts, value_index = _histogram(t[others])
     if len(values) + 1 > MAX_LEVELS:
         body = zlib.compress(t.astype("<u4").tobytes(), 6)
         return _seal(_HEAD.pack(MAGIC, VERSION, RAW, 0, d, 0) + body)
     order = np.argsort(counts, kind="stable")  # rarest first
-    level_of = np.empty(len(values), dtype=np.int64)
-    level_of[order] = np.arange(len(values))
-    by_level = others[np.argsort(level_of[inverse.reshape(-1)], kind="stable")]
+    level_of_value = np.empty(len(values), dtype=np.uint8)
+    level_of_value[order] = np.arange(len(values))
+    levels = level_of_value[value_index]  # each other position's coding level
     palette = np.concatenate([[fill], values[order]]).astype("<u4")
     parts = [_HEAD.pack(MAGIC, VERSION, LEVELS, 0, d, len(palette)), palette.tobytes()]
-    assigned = np.zeros(0, dtype=np.int64)  # sorted positions coded so far
-    start = 0
-    for count in counts[order]:
-        positions = by_level[start:start + count]
-        start += count
-        ranks = positions - np.searchsorted(assigned, positions)
-        parts.append(rice.encode_set(ranks, d - len(assigned)))
-        assigned = np.sort(np.concatenate([assigned, positions]), kind="stable")
+    for level in range(len(values)):
+        # rank among the positions not yet coded = position - (positions of lower levels before it)
+        lower_before = np.cumsum(levels < level, dtype=np.int32) if level else None
+        at = np.flatnonzero(levels == level)
+        ranks = others[at] - (lower_before[at] if level else 0)
+        parts.append(rice.encode_set(ranks, d - int(counts[order[:level]].sum())))
     return _seal(b"".join(parts))
 
 
@@ -130,6 +128,20 @@ def _most_frequent(t: np.ndarray) -> int:
     sample = t[:: max(1, len(t) // 65536)]
     values, counts = np.unique(sample, return_counts=True)
     return int(values[np.argmax(counts)])
+
+
+def _histogram(values: np.ndarray):
+    """(sorted distinct values, their counts, each value's index among them), through a lookup table
+    when the values are few (they are thresholds <= 2**24) instead of sorting them all."""
+    distinct = np.unique(values[:: max(1, len(values) // 4096)])
+    if len(distinct) < 255:  # 255 marks "not in the sample"
+        table = np.full(ONE + 1, 255, dtype=np.uint8)
+        table[distinct] = np.arange(len(distinct))
+        index = table[values]
+        if not (index == 255).any():  # the sample saw every value
+            return distinct, np.bincount(index, minlength=len(distinct)), index
+    distinct, index, counts = np.unique(values, return_inverse=True, return_counts=True)
+    return distinct, counts, index.reshape(-1)
 
 
 def _seal(data: bytes) -> bytes:

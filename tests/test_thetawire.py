@@ -79,3 +79,13 @@ def test_encode_refuses_what_is_not_thresholds():
         encode_theta(np.array([0.5, 0.2]))
     with pytest.raises(ValueError):
         encode_theta(np.array([ONE + 1], dtype=np.uint32))
+
+
+def test_values_too_rare_for_the_palette_sample_still_round_trip():
+    d = 300_000
+    t = np.full(d, ONE, dtype=np.uint32)
+    t[::7] = 5
+    t[[11, 12_345, 299_999]] = [1, 2, 3]  # each once: a strided sample misses them
+    assert np.array_equal(decode_theta(encode_theta(t), d), t)
+    t[:300] = np.arange(300)  # more than 255 distinct values besides the fill: the raw layout
+    assert np.array_equal(decode_theta(encode_theta(t), d), t)
