@@ -12,7 +12,7 @@ import numpy as np
 
 from deltamask.codecs import MASK, Codec, DecodedUpdate
 from deltamask.delta import bernoulli_kl, delta_positions, top_kappa
-from deltamask.sampling import (PER_CLIENT, MaskDigest, reference_seed, sample_mask, sample_seed,
+from deltamask.sampling import (PER_CLIENT, MaskDigest, reference_mask, sample_mask, sample_seed,
                                 theta_to_thresholds, thresholds_to_theta)
 
 REBUILD_CHUNK = 1 << 20  # positions per step of the server-side rebuild (a multiple of 8)
@@ -38,7 +38,7 @@ def client_update(thresholds_g: np.ndarray, theta_k: np.ndarray, round_seed: int
     d = len(thresholds_g)
     if len(theta_k) != d:
         raise ValueError(f"theta_k has {len(theta_k)} positions, the global theta {d}")
-    reference = sample_mask(thresholds_g, reference_seed(round_seed, client_id, mode))
+    reference = reference_mask(thresholds_g, round_seed, client_id, mode)
     mask = sample_mask(theta_to_thresholds(theta_k), sample_seed(round_seed, client_id))
     flips = delta_positions(reference, mask)
     if codec.carries == MASK:
@@ -59,12 +59,11 @@ def rebuild_client_mask(update: DecodedUpdate, thresholds_g: np.ndarray, round_s
     added to the counts. Works in slices of REBUILD_CHUNK positions; each slice is independent.
     """
     d = len(thresholds_g)
-    seed = reference_seed(round_seed, client_id, mode)
     packed = np.empty((d + 7) // 8, dtype=np.uint8)
     digest = MaskDigest(d)
     for lo in range(0, d, REBUILD_CHUNK):
         hi = min(lo + REBUILD_CHUNK, d)
-        reference = sample_mask(thresholds_g[lo:hi], seed, lo)
+        reference = reference_mask(thresholds_g, round_seed, client_id, mode, lo, hi)
         digest.update(reference)
         packed[lo // 8:(hi + 7) // 8] = np.packbits(update.client_mask(reference, lo), bitorder="little")
     return packed, digest.hexdigest()

@@ -60,9 +60,8 @@ def encode_theta(thresholds: np.ndarray) -> bytes:
     parts = [_HEAD.pack(MAGIC, VERSION, LEVELS, 0, d, len(palette)), palette.tobytes()]
     for level in range(len(values)):
         # rank among the positions not yet coded = position - (positions of lower levels before it)
-        lower_before = np.cumsum(levels < level, dtype=np.int32) if level else None
         at = np.flatnonzero(levels == level)
-        ranks = others[at] - (lower_before[at] if level else 0)
+        ranks = others[at] - np.cumsum(levels < level)[at]
         parts.append(rice.encode_set(ranks, d - int(counts[order[:level]].sum())))
     return _seal(b"".join(parts))
 

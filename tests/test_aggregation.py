@@ -73,3 +73,16 @@ def test_reset_period_is_ceil_one_over_rho_even_where_floating_point_says_otherw
     assert [r for r in range(7) if reset_due(r, 1 / 3)] == [0, 3, 6]
     with pytest.raises(ValueError):
         reset_period(0)
+
+
+def test_sharded_slices_then_mask_count_equal_whole_masks():
+    rng = np.random.default_rng(9)
+    masks = rng.random((3, 1000)) < 0.6
+    whole, sharded = BetaCounts(1000), BetaCounts(1000)
+    for mask in masks:
+        whole.add(mask)
+    for lo in range(0, 1000, 128):  # a map over (index range) shards, then one count of the masks
+        sharded.add_slice(masks[:, lo:lo + 128].sum(axis=0), lo)
+    sharded.count_masks(3)
+    assert np.array_equal(whole.ones, sharded.ones) and whole.masks == sharded.masks
+    assert np.array_equal(whole.theta(), sharded.theta())
