@@ -8,3 +8,11 @@ class DeltaMaskError(Exception):
 class PayloadError(DeltaMaskError, ValueError):
     """Anything wrong with a serialized update or theta message: truncated, garbled, unknown codec,
     wrong d, an image of the wrong kind or size. Raised before any state is touched."""
+
+
+class DataError(DeltaMaskError, ValueError):
+    """Anything wrong with a dataset or a partition: missing files, wrong layout, empty client."""
+
+
+class ModelError(DeltaMaskError, ValueError):
+    """A backbone that cannot be built as asked: unknown backbone, missing weight file, bad split."""
