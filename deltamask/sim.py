@@ -81,10 +81,11 @@ class Federation:
 
         self.config = c = config
         torch.manual_seed(c.seed)
-        backbone = load_backbone(c.backbone, weights=c.weights, blocks=c.blocks)
+        backbone = load_backbone(c.backbone, weights=c.weights, blocks=c.blocks, size=c.image_size)
         pre = backbone.preprocessing
-        train_x, train_y = _subset(*load_dataset(c.dataset, "train", c.data_root), c.train_samples, c.seed)
-        test_x, test_y = _subset(*load_dataset(c.dataset, "test", c.data_root), c.test_samples, c.seed + 1)
+        train, test = load_dataset(c.dataset, "train", c.data_root), load_dataset(c.dataset, "test", c.data_root)
+        train_x, train_y = _subset(train.images, train.labels, c.train_samples, c.seed)
+        test_x, test_y = _subset(test.images, test.labels, c.test_samples, c.seed + 1)
         self.num_classes = int(max(train_y.max(), test_y.max())) + 1
         self.parts = dirichlet_partition(train_y, c.clients, c.alpha, min_per_client=c.min_per_client, seed=c.seed)
 
