@@ -24,6 +24,7 @@ from deltamask.aggregation import MODE, BetaCounts, reset_due
 from deltamask.codecs import MASK, get_codec
 from deltamask.codecs import decode as decode_payload
 from deltamask.delta import cosine_kappa
+from deltamask.errors import DeltaMaskError
 from deltamask.masking import FIXED, IDENTITY, MaskedModule
 from deltamask.rounds import client_update, rebuild_client_mask
 from deltamask.sampling import PER_CLIENT, reference_mask, sample_mask, theta_to_thresholds, thresholds_to_theta
@@ -239,8 +240,12 @@ def main(argv: Optional[List[str]] = None) -> int:
     logging.basicConfig(level=logging.INFO, stream=sys.stderr, format="%(asctime)s %(levelname)s %(message)s")
     config = parse_args(argv)
     print(json.dumps({"config": dataclasses.asdict(config)}), flush=True)
-    for row in run(config):
-        print(json.dumps(row), flush=True)
+    try:
+        for row in run(config):
+            print(json.dumps(row), flush=True)
+    except DeltaMaskError as exc:  # a missing dataset or weight file, an empty client: say what, no traceback
+        print(f"deltamask-sim: error: {exc}", file=sys.stderr)
+        return 2
     return 0
 
 

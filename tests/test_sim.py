@@ -1,0 +1,71 @@
+"""The simulator end to end on a tiny backbone and scikit-learn's digits (seconds, not minutes)."""
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from deltamask.errors import DataError, ModelError
+from deltamask.sim import SimConfig, parse_args, run
+
+ROOT = Path(__file__).resolve().parents[1]
+TINY = dict(backbone="tiny", weights=None, image_size=16, dataset="digits", train_samples=0, test_samples=0,
+            clients=3, rounds=2, min_per_client=5, probe_epochs=5, batch_size=32)
+
+
+@pytest.mark.parametrize("codec", ["bfuse8", "exact", "rawmask"])
+def test_rounds_report_accuracy_bits_and_flips(codec):
+    rows = list(run(SimConfig(codec=codec, **TINY), progress=False))
+    head, masks = rows[0], rows[1:]
+    assert head["phase"] == "head" and head["d"] == 6768 and 0 <= head["accuracy"] <= 1
+    assert head["uplink_bpp"] == pytest.approx(32 * (32 * 10 + 10) / 6768)  # one float32 head a client
+    assert [r["round"] for r in masks] == [1, 2]
+    for r in masks:
+        assert 0 <= r["accuracy"] <= 1 and 0 <= r["accuracy_expected"] <= 1
+        assert r["uplink_bpp"] > 0 and r["downlink_bpp"] >= 0 and r["clients"] == 3
+        if codec == "exact":
+            assert r["false_flips"] == 0 and r["flips_applied"] == r["kept"]
+        if codec == "rawmask":
+            assert r["false_flips"] == 0 and r["uplink_bpp"] > 0.1
+    assert masks[0]["kappa"] == pytest.approx(0.8) and masks[-1]["kappa"] == pytest.approx(1.0)
+
+
+def test_same_config_same_results():
+    first = list(run(SimConfig(**TINY), progress=False))
+    second = list(run(SimConfig(**TINY), progress=False))
+    strip = lambda rows: [{k: v for k, v in r.items() if not k.endswith("_s")} for r in rows]  # noqa: E731
+    assert strip(first) == strip(second)
+
+
+def test_partial_participation_samples_k_clients_and_resets_on_schedule():
+    rows = list(run(SimConfig(**{**TINY, "clients": 4, "rho": 0.5, "rounds": 3}), progress=False))
+    assert [r["clients"] for r in rows[1:]] == [2, 2, 2]
+
+
+def test_heads_lda_and_kaiming():
+    lda = list(run(SimConfig(**{**TINY, "head": "lda", "rounds": 1}), progress=False))
+    kaiming = list(run(SimConfig(**{**TINY, "head": "kaiming", "rounds": 1}), progress=False))
+    assert lda[0]["uplink_bpp"] > 0 and kaiming[0]["uplink_bpp"] == 0
+    assert lda[0]["accuracy"] > kaiming[0]["accuracy"]
+
+
+def test_clear_errors_for_bad_settings():
+    with pytest.raises(ModelError, match="unknown backbone"):
+        list(run(SimConfig(**{**TINY, "backbone": "resnet9000"}), progress=False))
+    with pytest.raises(DataError):
+        list(run(SimConfig(**{**TINY, "clients": 400}), progress=False))
+
+
+def test_cli_prints_json_lines_and_a_clear_error():
+    args = ["--backbone", "tiny", "--weights", "none", "--image-size", "16", "--dataset", "digits",
+            "--train-samples", "0", "--test-samples", "0", "--clients", "2", "--rounds", "1", "--min-per-client", "5"]
+    out = subprocess.run([sys.executable, "-m", "deltamask.sim", *args], capture_output=True, text=True, cwd=ROOT)
+    assert out.returncode == 0, out.stderr
+    lines = [json.loads(line) for line in out.stdout.splitlines()]
+    assert "config" in lines[0] and [r["round"] for r in lines[1:]] == [0, 1]
+    bad = subprocess.run([sys.executable, "-m", "deltamask.sim", *args, "--dataset", "cifar10", "--data-root",
+                          str(ROOT / "no-such-folder")], capture_output=True, text=True, cwd=ROOT)
+    assert bad.returncode == 2 and "error:" in bad.stderr and "Traceback" not in bad.stderr
+    assert parse_args(["--weights", "none"]).weights is None
