@@ -67,6 +67,11 @@ def thresholds_to_theta(thresholds: np.ndarray, dtype=np.float32) -> np.ndarray:
     return (np.asarray(thresholds, dtype=np.float64) / ONE).astype(dtype)
 
 
+def round_seed(seed: int, round_index: int) -> int:
+    """The public seed of round `round_index` of a federation started with `seed` (64 bits)."""
+    return int.from_bytes(hashlib.sha256(f"deltamask/round/{seed}/{round_index}".encode()).digest()[:8], "little")
+
+
 def client_seed(round_seed: int, client_id: str) -> int:
     """The seed of a client's own draws in a round, derived from the round seed and the client id:
     the first 8 bytes (little-endian) of SHA-256("deltamask/client-seed/v1" | round_seed u64 LE | id)."""

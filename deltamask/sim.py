@@ -8,7 +8,6 @@ the server rebuilds each mask (digest checked) -> Beta counts -> theta.
 """
 import argparse
 import dataclasses
-import hashlib
 import json
 import logging
 import sys
@@ -27,7 +26,7 @@ from deltamask.delta import cosine_kappa
 from deltamask.errors import DeltaMaskError
 from deltamask.masking import FIXED, IDENTITY, MaskedModule
 from deltamask.rounds import client_update, rebuild_client_mask
-from deltamask.sampling import PER_CLIENT, reference_mask, sample_mask, theta_to_thresholds, thresholds_to_theta
+from deltamask.sampling import PER_CLIENT, reference_mask, round_seed, sample_mask, theta_to_thresholds, thresholds_to_theta
 from deltamask.thetawire import decode_theta, encode_theta
 from deltamask.training import (TrainSettings, average_heads, evaluate, features_of, head_bits, kaiming_head,
                                 lda_head, lda_statistics, linear_probe, take, train_mask)
@@ -65,11 +64,6 @@ class SimConfig:
     batch_size: int = 64
     lr: float = 0.1
     seed: int = 0
-
-
-def round_seed(seed: int, round_index: int) -> int:
-    """The public seed of a round."""
-    return int.from_bytes(hashlib.sha256(f"deltamask/round/{seed}/{round_index}".encode()).digest()[:8], "little")
 
 
 class Federation:

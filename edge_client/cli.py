@@ -1,0 +1,50 @@
+"""deltamask-client: run the edge agent.
+
+    deltamask-client --config client.yaml
+
+Exits 0 when the coordinator says training is over (with exit_when_done), 2 on a configuration, model
+or data error, 130 on Ctrl-C / SIGTERM.
+"""
+import argparse
+import logging
+import signal
+import sys
+from typing import List, Optional
+
+from deltamask.errors import DeltaMaskError
+from deltamask.yamlconfig import ConfigError
+from edge_client.config import load_config
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    parser = argparse.ArgumentParser(prog="deltamask-client", description=__doc__.split("\n")[0])
+    parser.add_argument("--config", required=True, help="YAML configuration (see edge_client/example.yaml)")
+    parser.add_argument("--log-level", default="INFO")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=args.log_level.upper(), stream=sys.stderr,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    try:
+        config = load_config(args.config)
+        from edge_client.agent import Agent
+
+        agent = Agent(config)
+    except (ConfigError, DeltaMaskError, ValueError) as exc:
+        print(f"deltamask-client: error: {exc}", file=sys.stderr)
+        return 2
+
+    def on_signal(*_) -> None:
+        agent.stop.set()
+        raise KeyboardInterrupt
+
+    signal.signal(signal.SIGTERM, on_signal)
+    try:
+        return agent.run()
+    except (DeltaMaskError, ValueError) as exc:
+        print(f"deltamask-client: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

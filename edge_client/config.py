@@ -1,0 +1,63 @@
+"""The agent's configuration: one YAML file into frozen dataclasses (see edge_client/example.yaml)."""
+from dataclasses import dataclass, field
+from typing import Optional
+
+from deltamask.yamlconfig import ConfigError, load_yaml
+
+KINDS = ("rpi4", "jetson-nano", "coral", "laptop", "server")
+METERS = ("none", "rapl")
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    """This device's local data: a dataset, optionally a subset of it, and its share of a partition.
+
+    Every device of a demo fleet can hold the same files and take part `index` of a Dirichlet split
+    over `clients` parts (same seed everywhere, so the parts do not overlap); a real device sets
+    clients: 1 and points `root` at its own data.
+    """
+
+    dataset: str = "fashion_mnist"
+    root: Optional[str] = None
+    samples: int = 0  # 0: all of the training split; else a seeded subset of this many
+    clients: int = 1
+    index: int = 0
+    alpha: float = 10.0
+    min_per_client: int = 10
+    seed: int = 0
+
+    def check(self) -> None:
+        if not 0 <= self.index < self.clients:
+            raise ValueError(f"data.index must lie in 0..{self.clients - 1}, got {self.index}")
+
+
+@dataclass(frozen=True)
+class AgentConfig:
+    name: str
+    server: str = "localhost:50051"
+    kind: str = "laptop"
+    codec: str = ""  # preferred codec, a hint to the coordinator
+    weights: Optional[str] = "default"  # backbone weights: "default" (offline copy, then download) or a file
+    cache_dir: str = "~/.cache/deltamask/prefix"  # prefix outputs, computed once per dataset
+    energy: str = "none"
+    task_wait_s: float = 30.0  # long-poll length
+    max_backoff_s: float = 60.0
+    progress: bool = True
+    exit_when_done: bool = True
+    data: DataConfig = field(default_factory=DataConfig)
+
+    def check(self) -> None:
+        if not self.name:
+            raise ValueError("name must not be empty")
+        if self.kind not in KINDS:
+            raise ValueError(f"kind must be one of {', '.join(KINDS)}, got {self.kind!r}")
+        if self.energy not in METERS:
+            raise ValueError(f"energy must be one of {', '.join(METERS)}, got {self.energy!r}")
+        self.data.check()
+
+
+def load_config(path) -> AgentConfig:
+    return load_yaml(AgentConfig, path)
+
+
+__all__ = ["AgentConfig", "ConfigError", "DataConfig", "load_config"]

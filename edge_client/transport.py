@@ -1,0 +1,100 @@
+"""The agent's side of the wire: a keepalive channel, retries with backoff, chunked transfers."""
+import logging
+import random
+import threading
+import time
+from typing import Callable, Iterator, Optional, TypeVar
+
+import grpc
+
+from deltamask.transfer import Assembler, sha256_hex, split
+from deltamask.v1 import coordinator_pb2 as pb
+from deltamask.v1 import coordinator_pb2_grpc as rpc
+
+log = logging.getLogger(__name__)
+T = TypeVar("T")
+
+# Ping every 60 s even with no call in flight, so that NATs and proxies keep an hour-long idle channel
+# (a Pi training between calls) open; the coordinator allows pings every 20 s (server.service).
+CHANNEL_OPTIONS = [
+    ("grpc.keepalive_time_ms", 60_000),
+    ("grpc.keepalive_timeout_ms", 20_000),
+    ("grpc.keepalive_permit_without_calls", 1),
+    ("grpc.http2.max_pings_without_data", 0),
+    ("grpc.max_receive_message_length", 8 << 20),
+    ("grpc.enable_retries", 0),  # retries are ours (Backoff), with jitter and logging
+]
+RETRY = {grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED}  # the network, not the request
+CALL_TIMEOUT_S = 60.0
+
+
+def connect(address: str) -> rpc.CoordinatorStub:
+    return rpc.CoordinatorStub(grpc.insecure_channel(address, options=CHANNEL_OPTIONS))
+
+
+class Backoff:
+    """Exponential backoff with full jitter: the n-th wait is uniform in [0, min(cap, base * 2^n)]."""
+
+    def __init__(self, base_s: float = 0.5, cap_s: float = 60.0, rng: Optional[random.Random] = None) -> None:
+        self.base_s, self.cap_s, self.attempt = base_s, cap_s, 0
+        self.rng = rng or random.Random()
+
+    def next_wait(self) -> float:
+        wait = self.rng.uniform(0, min(self.cap_s, self.base_s * 2 ** self.attempt))
+        self.attempt += 1
+        return wait
+
+    def reset(self) -> None:
+        self.attempt = 0
+
+
+def retrying(call: Callable[[], T], what: str, backoff: Backoff, stop: Optional[threading.Event] = None) -> T:
+    """call() until it succeeds or fails with a status that retrying cannot fix."""
+    while True:
+        try:
+            result = call()
+            backoff.reset()
+            return result
+        except grpc.RpcError as exc:
+            if exc.code() not in RETRY:
+                raise
+            wait = backoff.next_wait()
+            log.warning("%s: %s (%s); retrying in %.1f s", what, exc.code().name, exc.details(), wait)
+            if stop is not None and stop.wait(wait):
+                raise
+            if stop is None:
+                time.sleep(wait)
+
+
+def fetch_theta(stub: rpc.CoordinatorStub, device_id: str, round_index: int, limit: int, backoff: Backoff,
+                stop: Optional[threading.Event] = None) -> bytes:
+    """The round's theta wire bytes; a broken stream resumes from the bytes already received."""
+    parts: Optional[Assembler] = None
+
+    def attempt() -> bytes:
+        nonlocal parts
+        offset = parts.received if parts is not None else 0
+        for chunk in stub.FetchTheta(pb.FetchRequest(device_id=device_id, round=round_index, offset=offset),
+                                     timeout=CALL_TIMEOUT_S * 10):
+            if parts is None:
+                parts = Assembler(chunk.total_length, chunk.sha256, limit)
+            parts.add(chunk.offset, chunk.data)
+        assert parts is not None
+        return parts.result()
+
+    return retrying(attempt, f"fetch theta of round {round_index}", backoff, stop)
+
+
+def update_chunks(header: pb.UpdateHeader, payload: bytes) -> Iterator[pb.UpdateChunk]:
+    yield pb.UpdateChunk(header=header)
+    for _, piece in split(payload):
+        if piece:
+            yield pb.UpdateChunk(data=piece)
+
+
+def submit_update(stub: rpc.CoordinatorStub, header: pb.UpdateHeader, payload: bytes, backoff: Backoff,
+                  stop: Optional[threading.Event] = None) -> pb.SubmitReply:
+    """Upload, retrying a broken connection; a retry of an update already taken is acknowledged as a duplicate."""
+    header.total_length, header.sha256 = len(payload), sha256_hex(payload)
+    return retrying(lambda: stub.SubmitUpdate(update_chunks(header, payload), timeout=CALL_TIMEOUT_S * 10),
+                    f"upload for round {header.round}", backoff, stop)

@@ -1,0 +1,483 @@
+"""The coordinator's round state machine: registry, sampling, deadlines, aggregation, persistence.
+
+One round, as the coordinator sees it:
+
+    open:    sample K online devices with the round's seed; serve them theta (wire bytes) and the task
+    receive: each upload -> decode -> rebuild the client's mask -> check its reference digest
+             -> persist the payload -> add to the Beta counts            (as it arrives, not at close)
+    close:   when every selected device has sent, or at the deadline with at least `min_quorum`
+             updates: counts -> theta -> wire bytes -> persist -> next round. Below quorum at the
+             deadline the round is skipped: the counts go back to what they were, theta stays.
+
+The arithmetic is the core library's (`deltamask.rounds`, `deltamask.aggregation`, `deltamask.thetawire`);
+this module decides who, when and what is kept. All state changes happen under one condition variable;
+decoding runs outside it so that uploads decode in parallel. The gRPC layer is `server.service`.
+"""
+import logging
+import secrets
+import threading
+import time
+from dataclasses import dataclass, field
+from typing import Callable, Dict, List, Optional, Set, Tuple
+
+import numpy as np
+
+from deltamask.aggregation import BetaCounts, reset_due
+from deltamask.codecs import decode as decode_payload
+from deltamask.delta import cosine_kappa
+from deltamask.errors import PayloadError
+from deltamask.headwire import decode_head, encode_head
+from deltamask.rounds import rebuild_client_mask
+from deltamask.sampling import round_seed, theta_to_thresholds, thresholds_to_theta
+from deltamask.thetawire import decode_theta, encode_theta, theta_digest
+from deltamask.transfer import sha256_hex
+from server.config import ServerConfig
+from server.store import Store
+
+log = logging.getLogger(__name__)
+HEAD, MASK, IDLE, DONE = "head", "mask", "idle", "done"
+KINDS = ("rpi4", "jetson-nano", "coral", "laptop", "server", "unspecified")
+
+
+class CoordinatorError(Exception):
+    """A request the coordinator refuses; `server.service` maps each kind to one gRPC status."""
+
+
+class UnknownDevice(CoordinatorError):
+    pass
+
+
+class NotOpen(CoordinatorError):
+    """The round is not open, or the device is not selected in it."""
+
+
+class InvalidUpdate(CoordinatorError):
+    pass
+
+
+class TooLarge(CoordinatorError):
+    pass
+
+
+class Conflict(CoordinatorError):
+    """A second, different update for a round the device already sent one for."""
+
+
+@dataclass(frozen=True)
+class ModelFacts:
+    """What every device must agree on: d, the canonical layout digest, the feature size."""
+
+    d: int
+    layout_digest: str
+    feature_dim: int
+
+
+@dataclass
+class Device:
+    device_id: str
+    name: str
+    kind: str
+    memory_bytes: int
+    codec: str
+    last_seen: float = 0.0
+
+
+@dataclass(frozen=True)
+class Task:
+    phase: str
+    round: int = 0
+    seed: int = 0
+    kappa: float = 0.0
+    codec: str = ""
+    reference: str = ""
+    deadline: float = 0.0
+    theta_digest: str = ""
+    theta_bytes: int = 0
+    head: bytes = b""
+
+
+@dataclass
+class OpenRound:
+    round: int
+    phase: str
+    seed: int
+    kappa: float
+    selected: List[str]
+    deadline: float
+    mask_index: int  # mask rounds closed before this one
+    reset: bool  # whether the prior was reset when it opened
+    received: Dict[str, str] = field(default_factory=dict)  # device -> payload SHA-256
+    nbytes: Dict[str, int] = field(default_factory=dict)
+    metrics: Dict[str, Dict] = field(default_factory=dict)
+    decode_s: Dict[str, float] = field(default_factory=dict)
+    heads: List[Tuple[Tuple[np.ndarray, np.ndarray], float]] = field(default_factory=list)  # ((w, b), examples)
+    last_upload: float = 0.0
+
+
+class Coordinator:
+    def __init__(self, config: ServerConfig, facts: ModelFacts, store: Store,
+                 clock: Callable[[], float] = time.time,
+                 evaluate: Optional[Callable[[np.ndarray, Optional[bytes]], Dict]] = None,
+                 on_round: Optional[Callable[[Dict], None]] = None) -> None:
+        self.config, self.facts, self.store, self.clock = config, facts, store, clock
+        self.evaluate, self.on_round = evaluate, on_round
+        self.d = facts.d
+        self.max_upload_bytes = config.max_upload_bytes or (self.d // 8 + (1 << 20))
+        self.cond = threading.Condition()
+        self.devices: Dict[str, Device] = {}
+        self.counts = BetaCounts(self.d, config.lambda0)
+        self.open: Optional[OpenRound] = None
+        self.closed_rounds = -1  # the last closed (or skipped) round
+        self.mask_rounds = 0  # mask rounds closed
+        self.head: Optional[bytes] = None  # the averaged head, as on the wire (deltamask.headwire)
+        self.history: List[Dict] = []
+        self.done = threading.Event()
+        self.told_done: Set[str] = set()
+        self._stopping = threading.Event()
+        self._recover()
+
+    # --- start-up -----------------------------------------------------------------------------------
+    def _recover(self) -> None:
+        """Load the registry, history, head, counts and theta; replay the uploads of an open round."""
+        s = self.store
+        for key, value in (("d", str(self.d)), ("layout_digest", self.facts.layout_digest)):
+            stored = s.get_meta(key)
+            if stored is None:
+                s.set_meta(key, value)
+            elif stored != value:
+                raise ValueError(f"state in {s.folder} is for {key} = {stored}, this configuration has {value}; "
+                                 f"use another state_dir")
+        for row in s.devices():
+            self.devices[row["device_id"]] = Device(**row)
+        self.head = s.load_head()
+        rows = s.rounds()
+        finished = [r for r in rows if r["state"] != "open"]
+        self.history = [r["summary"] for r in finished if r["summary"]]
+        if finished:
+            self.closed_rounds = finished[-1]["round"]
+            self.mask_rounds = sum(1 for r in finished if r["phase"] == MASK and r["state"] == "closed")
+            ones = s.load_counts(self.closed_rounds)
+            if ones is not None:
+                self.counts.ones[:] = ones
+                self.counts.masks = int(finished[-1]["summary"]["counts_masks"])
+        theta_round = self.closed_rounds + 1
+        try:
+            self.wire = s.load_theta(theta_round)
+        except FileNotFoundError:
+            if finished:
+                raise
+            self.wire = encode_theta(theta_to_thresholds(np.full(self.d, self.config.theta0)))
+            s.save_theta(0, self.wire)
+        self.thresholds = decode_theta(self.wire, self.d)
+        self.theta_digest = theta_digest(self.wire)
+        opened = [r for r in rows if r["state"] == "open"]
+        if opened:
+            self._replay(opened[-1])
+        if self.mask_rounds >= self.config.rounds:
+            self.done.set()
+        log.info("state: %d devices, %d rounds closed, %d mask rounds, open round: %s", len(self.devices),
+                 self.closed_rounds + 1, self.mask_rounds, self.open.round if self.open else None)
+
+    def _replay(self, row: Dict) -> None:
+        r = OpenRound(row["round"], row["phase"], row["seed"], row["kappa"], row["selected"], row["deadline"],
+                      row["mask_index"], bool(row["reset"]))
+        if r.reset:
+            self.counts.reset()
+        for u in self.store.updates(r.round):
+            payload = self.store.update_path(r.round, u["device_id"]).read_bytes()
+            self._apply(r, u["device_id"], payload, u["sha256"], self._check(r, u["device_id"], payload), u["metrics"])
+        self.open = r
+
+    # --- requests -----------------------------------------------------------------------------------
+    def register(self, name: str, kind: str, memory_bytes: int, codec: str) -> Device:
+        if not name:
+            raise InvalidUpdate("a device needs a name")
+        with self.cond:
+            for device in self.devices.values():
+                if device.name == name:
+                    device.last_seen = self.clock()
+                    return device
+            device = Device(secrets.token_hex(8), name, kind, int(memory_bytes), codec, self.clock())
+            self.store.add_device(device.device_id, name, kind, device.memory_bytes, codec)
+            self.devices[device.device_id] = device
+            log.info("registered %s (%s) as %s", name, kind, device.device_id)
+            self.cond.notify_all()
+            return device
+
+    def heartbeat(self, device_id: str) -> int:
+        with self.cond:
+            self._device(device_id).last_seen = self.clock()
+            self.cond.notify_all()
+            return self.open.round if self.open else self.closed_rounds + 1
+
+    def get_task(self, device_id: str, after_round: int, wait_s: float) -> Task:
+        """Long-poll: the task of the open round once this device is selected in it, IDLE after wait_s."""
+        until = time.monotonic() + max(0.0, min(wait_s, 300.0))
+        with self.cond:
+            device = self._device(device_id)
+            while True:
+                device.last_seen = self.clock()
+                if self.done.is_set():
+                    self.told_done.add(device_id)
+                    self.cond.notify_all()
+                    return Task(DONE, self.closed_rounds)
+                r = self.open
+                if (r is not None and r.round > after_round and device_id in r.selected
+                        and device_id not in r.received):
+                    return self._task(r)
+                left = until - time.monotonic()
+                if left <= 0 or self._stopping.is_set():
+                    return Task(IDLE, self.open.round if self.open else self.closed_rounds + 1)
+                self.cond.wait(min(left, 1.0))
+
+    def theta_for(self, device_id: str, round_index: int) -> bytes:
+        """The theta wire bytes of the open round."""
+        with self.cond:
+            self._device(device_id)
+            r = self._open_round(round_index, device_id)
+            if r.phase != MASK:
+                raise NotOpen(f"round {round_index} is a head round: no theta to fetch")
+            return self.wire
+
+    def check_upload(self, device_id: str, round_index: int, total_length: int) -> None:
+        """Refuse an upload from its header: unknown device, round not open for it, too large."""
+        with self.cond:
+            self._device(device_id)
+            if self.open is None or self.open.round != round_index:
+                if self.store.find_update(round_index, device_id) is not None:
+                    return  # a retry of an update already taken: submit() acknowledges it
+                self._open_round(round_index, device_id)
+            elif device_id not in self.open.selected:
+                raise NotOpen(f"device {device_id} is not selected in round {round_index}")
+        if total_length > self.max_upload_bytes:
+            raise TooLarge(f"update of {total_length} bytes; the limit is {self.max_upload_bytes} bytes")
+
+    def submit(self, device_id: str, round_index: int, payload: bytes, reference_digest: str,
+               metrics: Dict) -> bool:
+        """Take one update; returns True when it is a duplicate of one already taken (nothing changes)."""
+        sha = sha256_hex(payload)
+        if len(payload) > self.max_upload_bytes:
+            raise TooLarge(f"update of {len(payload)} bytes; the limit is {self.max_upload_bytes} bytes")
+        with self.cond:
+            self._device(device_id)
+            if self._duplicate(round_index, device_id, sha):
+                return True
+            r = self._open_round(round_index, device_id)
+        started = time.perf_counter()
+        checked = self._check(r, device_id, payload, reference_digest)
+        decode_s = time.perf_counter() - started
+        with self.cond:
+            if self._duplicate(round_index, device_id, sha):
+                return True
+            if self.open is not r:
+                raise NotOpen(f"round {round_index} closed while the update was being decoded")
+            self.store.add_update(r.round, device_id, payload, sha, reference_digest, metrics)
+            self._apply(r, device_id, payload, sha, checked, metrics)
+            r.decode_s[device_id] = decode_s
+            r.last_upload = time.perf_counter()
+            self.cond.notify_all()
+        return False
+
+    def status(self) -> Dict:
+        with self.cond:
+            return {"round": self.open.round if self.open else self.closed_rounds + 1,
+                    "phase": DONE if self.done.is_set() else (self.open.phase if self.open else IDLE),
+                    "registered": len(self.devices), "online": len(self._online()),
+                    "history": list(self.history)}
+
+    def everyone_told_done(self) -> bool:
+        """Whether every online device has been told training is over."""
+        with self.cond:
+            return set(self._online()) <= self.told_done
+
+    # --- rounds -------------------------------------------------------------------------------------
+    def step(self) -> None:
+        """Advance the state machine as far as it can go now (open, or close, a round)."""
+        summary = None
+        with self.cond:
+            if self.done.is_set():
+                return
+            if self.open is None:
+                online = self._online()
+                need = self.config.expected_clients if self.closed_rounds < 0 else self.config.min_quorum
+                if len(online) >= need:
+                    self._open(online)
+                return
+            r = self.open
+            if set(r.selected) <= set(r.received) or self.clock() >= r.deadline:
+                summary = self._close(r)
+        if summary is not None:
+            self._finish(summary)
+
+    def run(self, poll_s: float = 0.2) -> None:
+        """Step until done or stopped (the coordinator's background thread)."""
+        while not self._stopping.is_set() and not self.done.is_set():
+            self.step()
+            with self.cond:
+                if not self.done.is_set():
+                    self.cond.wait(poll_s)
+
+    def stop(self) -> None:
+        self._stopping.set()
+        with self.cond:
+            self.cond.notify_all()
+
+    def _open(self, online: List[str]) -> None:
+        c = self.config
+        index = self.closed_rounds + 1
+        seed = round_seed(c.seed, index)
+        k = min(len(online), max(c.min_quorum, int(round(c.rho * len(online)))))
+        selected = sorted(np.random.default_rng(seed).choice(sorted(online), size=k, replace=False).tolist())
+        phase = MASK if self.head is not None else HEAD
+        reset = phase == MASK and reset_due(self.mask_rounds, c.rho)
+        kappa = cosine_kappa(self.mask_rounds, c.rounds, c.kappa_start, c.kappa_end) if phase == MASK else 0.0
+        r = OpenRound(index, phase, seed, kappa, selected, self.clock() + c.round_deadline_s, self.mask_rounds,
+                      reset)
+        self.store.open_round(vars(r))
+        if reset:
+            self.counts.reset()
+        self.open = r
+        log.info("round %d (%s) open: %d of %d online devices selected, deadline in %.0f s", index, phase, k,
+                 len(online), c.round_deadline_s)
+        self.cond.notify_all()
+
+    def _close(self, r: OpenRound) -> Dict:
+        """Close the open round (under the lock): aggregate, persist, and return its summary."""
+        started = time.perf_counter()
+        c = self.config
+        quorum = min(c.min_quorum, len(r.selected))
+        state = "closed" if len(r.received) >= quorum else "skipped"
+        wire, thresholds = self.wire, self.thresholds
+        if state == "closed" and r.phase == HEAD:
+            self.head = _average_heads(r.heads)
+            self.store.save_head(self.head)
+        elif state == "closed":
+            theta = self.counts.theta(c.theta_formula, previous=thresholds_to_theta(self.thresholds, np.float64))
+            thresholds = theta_to_thresholds(theta)
+            wire = encode_theta(thresholds)
+            self.mask_rounds += 1
+        else:  # skipped: the counts go back to what they were when the round opened
+            self._restore_counts(r)
+        self.store.save_counts(r.round, self.counts.ones)
+        self.store.save_theta(r.round + 1, wire)
+        up = {dev: 8 * n / self.d for dev, n in r.nbytes.items()}
+        summary = {"round": r.round, "phase": r.phase, "state": state, "selected": len(r.selected),
+                   "received": len(r.received), "lost": sorted(set(r.selected) - set(r.received)),
+                   "uplink_bpp": float(np.mean(list(up.values()))) if up else 0.0, "uplink_bpp_by_device": up,
+                   "downlink_bpp": 8 * len(self.wire) / self.d if r.phase == MASK else 0.0,
+                   "decode_s": round(max(r.decode_s.values()), 4) if r.decode_s else 0.0,
+                   "counts_masks": self.counts.masks, "mask_rounds": self.mask_rounds}
+        self.wire, self.thresholds = wire, thresholds
+        self.theta_digest = theta_digest(wire)
+        summary["close_s"] = round(time.perf_counter() - started, 4)
+        if r.last_upload:
+            summary["round_close_s"] = round(time.perf_counter() - r.last_upload, 4)
+        self.store.close_round(r.round, state, summary)
+        self.store.prune(r.round - 1)
+        self.closed_rounds, self.open = r.round, None
+        self.history.append(summary)
+        if self.mask_rounds >= c.rounds:
+            self.done.set()
+        self.cond.notify_all()
+        log.info("round %d %s: %d of %d updates, %.2f s to close", r.round, state, len(r.received),
+                 len(r.selected), summary["close_s"])
+        return summary
+
+    def _finish(self, summary: Dict) -> None:
+        """After a close, outside the lock: evaluate theta on held-out data, report the round."""
+        if self.evaluate is not None and summary["state"] == "closed":
+            scores = self.evaluate(self.thresholds, self.head)
+            summary.update(scores)
+            with self.cond:
+                self.store.close_round(summary["round"], summary["state"], summary)
+        if self.on_round is not None:
+            self.on_round(summary)
+
+    def _restore_counts(self, r: OpenRound) -> None:
+        previous = [h for h in self.history if h["round"] == r.round - 1]
+        if r.reset or not previous:
+            self.counts.reset()
+        else:
+            self.counts.ones[:] = self.store.load_counts(r.round - 1)
+            self.counts.masks = int(previous[0]["counts_masks"])
+
+    # --- updates ------------------------------------------------------------------------------------
+    def _check(self, r: OpenRound, device_id: str, payload: bytes, reference_digest: Optional[str] = None):
+        """Decode an update against its round; InvalidUpdate for a bad payload or a digest mismatch."""
+        try:
+            if r.phase == HEAD:
+                return decode_head(payload, self.config.num_classes, self.facts.feature_dim)
+            packed, digest = rebuild_client_mask(decode_payload(payload, self.d), self.thresholds, r.seed,
+                                                 device_id, self.config.reference)
+        except PayloadError as exc:
+            raise InvalidUpdate(f"corrupt update: {exc}") from None
+        if reference_digest is not None and digest != reference_digest:
+            raise InvalidUpdate("reference mask digest does not match: the device drew its reference from a "
+                                "different theta or seed")
+        return packed
+
+    def _apply(self, r: OpenRound, device_id: str, payload: bytes, sha: str, checked, metrics: Dict) -> None:
+        if r.phase == HEAD:
+            r.heads.append((checked, float(metrics.get("num_examples") or 1)))
+        else:
+            self.counts.add_packed(checked)
+        r.received[device_id], r.nbytes[device_id], r.metrics[device_id] = sha, len(payload), metrics
+
+    def _duplicate(self, round_index: int, device_id: str, sha: str) -> bool:
+        r = self.open
+        taken = r.received.get(device_id) if r is not None and r.round == round_index else None
+        if taken is None:
+            taken = self.store.find_update(round_index, device_id)
+        if taken is None:
+            return False
+        if taken != sha:
+            raise Conflict(f"device {device_id} already sent a different update for round {round_index}")
+        return True
+
+    # --- helpers ------------------------------------------------------------------------------------
+    def _device(self, device_id: str) -> Device:
+        device = self.devices.get(device_id)
+        if device is None:
+            raise UnknownDevice(f"unknown device id {device_id!r}: register first")
+        return device
+
+    def _open_round(self, round_index: int, device_id: str) -> OpenRound:
+        r = self.open
+        if r is None or r.round != round_index:
+            current = r.round if r is not None else None
+            raise NotOpen(f"round {round_index} is not open (open round: {current})")
+        if device_id not in r.selected:
+            raise NotOpen(f"device {device_id} is not selected in round {round_index}")
+        return r
+
+    def _online(self) -> List[str]:
+        horizon = self.clock() - 2 * self.config.heartbeat_interval_s
+        return [d.device_id for d in self.devices.values() if d.last_seen >= horizon]
+
+    def _task(self, r: OpenRound) -> Task:
+        c = self.config
+        if r.phase == HEAD:
+            return Task(HEAD, r.round, r.seed, 0.0, c.codec, c.reference, r.deadline)
+        return Task(MASK, r.round, r.seed, r.kappa, c.codec, c.reference, r.deadline, self.theta_digest,
+                    len(self.wire), self.head or b"")
+
+
+def _average_heads(shares: List[Tuple[Tuple[np.ndarray, np.ndarray], float]]) -> bytes:
+    """FedAvg of the heads, weighted by local examples (`deltamask.training.average_heads`), as wire bytes."""
+    import torch
+
+    from deltamask.training import average_heads
+
+    heads = []
+    for (weight, bias), _ in shares:
+        layer = torch.nn.Linear(weight.shape[1], weight.shape[0])
+        with torch.no_grad():
+            layer.weight.copy_(torch.from_numpy(weight))
+            layer.bias.copy_(torch.from_numpy(bias))
+        heads.append(layer)
+    out = average_heads(heads, [w for _, w in shares])
+    return encode_head(out.weight.detach().numpy(), out.bias.detach().numpy())
+
+
+__all__ = ["Conflict", "Coordinator", "CoordinatorError", "Device", "InvalidUpdate", "ModelFacts", "NotOpen",
+           "Task", "TooLarge", "UnknownDevice"]

@@ -1,0 +1,189 @@
+"""The coordinator's state on disk: SQLite (WAL) for the registry, rounds and updates; arrays beside it.
+
+    state_dir/coordinator.db        devices, rounds (with their summaries), updates, meta
+    state_dir/theta-<r>.bin         the theta served in round r (theta wire format)
+    state_dir/counts-<r>.npy        Beta counts after round r closed (ones per position; masks in the db)
+    state_dir/head.bin              the averaged classifier head (deltamask.headwire)
+    state_dir/updates/<r>/<id>.bin  every accepted upload, as received
+
+Every file is written to a temporary name, fsynced and renamed, before the database row that points
+to it is committed, so a crash at any point leaves either the old state or the new one. Rejected
+requests write nothing.
+"""
+import json
+import os
+import sqlite3
+import threading
+import time
+from pathlib import Path
+from typing import Any, Dict, List, Optional
+
+import numpy as np
+
+SCHEMA = """
+CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
+CREATE TABLE IF NOT EXISTS devices (
+    device_id TEXT PRIMARY KEY, name TEXT UNIQUE NOT NULL, kind TEXT NOT NULL, memory_bytes INTEGER,
+    codec TEXT, registered_at REAL NOT NULL);
+CREATE TABLE IF NOT EXISTS rounds (
+    round INTEGER PRIMARY KEY, phase TEXT NOT NULL, seed TEXT NOT NULL, kappa REAL NOT NULL,
+    selected TEXT NOT NULL, deadline REAL NOT NULL, state TEXT NOT NULL, mask_index INTEGER NOT NULL,
+    reset INTEGER NOT NULL, opened_at REAL NOT NULL, closed_at REAL, summary TEXT);
+CREATE TABLE IF NOT EXISTS updates (
+    round INTEGER NOT NULL, device_id TEXT NOT NULL, sha256 TEXT NOT NULL, nbytes INTEGER NOT NULL,
+    reference_digest TEXT NOT NULL, metrics TEXT NOT NULL, received_at REAL NOT NULL,
+    PRIMARY KEY (round, device_id));
+"""
+
+
+def write_atomic(path: Path, data: bytes) -> None:
+    """Write, fsync, rename over `path`, fsync the folder."""
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+    _fsync_dir(path.parent)
+
+
+def _fsync_dir(folder: Path) -> None:
+    fd = os.open(folder, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+class Store:
+    def __init__(self, folder) -> None:
+        self.folder = Path(folder)
+        (self.folder / "updates").mkdir(parents=True, exist_ok=True)
+        self._lock = threading.Lock()
+        self.db = sqlite3.connect(self.folder / "coordinator.db", check_same_thread=False, isolation_level=None)
+        self.db.execute("PRAGMA journal_mode=WAL")
+        self.db.execute("PRAGMA synchronous=FULL")
+        self.db.executescript(SCHEMA)
+
+    def close(self) -> None:
+        with self._lock:
+            self.db.close()
+
+    # --- meta ---------------------------------------------------------------------------------------
+    def get_meta(self, key: str) -> Optional[str]:
+        row = self._one("SELECT value FROM meta WHERE key = ?", (key,))
+        return None if row is None else row[0]
+
+    def set_meta(self, key: str, value: str) -> None:
+        self._write([("INSERT OR REPLACE INTO meta VALUES (?, ?)", (key, value))])
+
+    # --- devices ------------------------------------------------------------------------------------
+    def add_device(self, device_id: str, name: str, kind: str, memory_bytes: int, codec: str) -> None:
+        self._write([("INSERT INTO devices VALUES (?, ?, ?, ?, ?, ?)",
+                      (device_id, name, kind, memory_bytes, codec, time.time()))])
+
+    def devices(self) -> List[Dict[str, Any]]:
+        rows = self._all("SELECT device_id, name, kind, memory_bytes, codec FROM devices ORDER BY registered_at")
+        return [dict(zip(("device_id", "name", "kind", "memory_bytes", "codec"), r)) for r in rows]
+
+    # --- rounds -------------------------------------------------------------------------------------
+    def open_round(self, r: Dict[str, Any]) -> None:
+        self._write([("INSERT OR REPLACE INTO rounds VALUES (?, ?, ?, ?, ?, ?, 'open', ?, ?, ?, NULL, NULL)",
+                      (r["round"], r["phase"], str(r["seed"]), r["kappa"], json.dumps(r["selected"]),
+                       r["deadline"], r["mask_index"], int(r["reset"]), time.time()))])
+
+    def close_round(self, round_index: int, state: str, summary: Dict[str, Any]) -> None:
+        self._write([("UPDATE rounds SET state = ?, closed_at = ?, summary = ? WHERE round = ?",
+                      (state, time.time(), json.dumps(summary), round_index))])
+
+    def rounds(self) -> List[Dict[str, Any]]:
+        keys = ("round", "phase", "seed", "kappa", "selected", "deadline", "state", "mask_index", "reset",
+                "opened_at", "closed_at", "summary")
+        out = []
+        for row in self._all("SELECT * FROM rounds ORDER BY round"):
+            r = dict(zip(keys, row))
+            r["seed"], r["selected"] = int(r["seed"]), json.loads(r["selected"])
+            r["summary"] = json.loads(r["summary"]) if r["summary"] else None
+            out.append(r)
+        return out
+
+    # --- updates ------------------------------------------------------------------------------------
+    def update_path(self, round_index: int, device_id: str) -> Path:
+        return self.folder / "updates" / str(round_index) / f"{device_id}.bin"
+
+    def add_update(self, round_index: int, device_id: str, payload: bytes, sha256: str,
+                   reference_digest: str, metrics: Dict[str, Any]) -> None:
+        path = self.update_path(round_index, device_id)
+        path.parent.mkdir(exist_ok=True)
+        write_atomic(path, payload)
+        self._write([("INSERT INTO updates VALUES (?, ?, ?, ?, ?, ?, ?)",
+                      (round_index, device_id, sha256, len(payload), reference_digest, json.dumps(metrics),
+                       time.time()))])
+
+    def updates(self, round_index: int) -> List[Dict[str, Any]]:
+        keys = ("device_id", "sha256", "nbytes", "reference_digest", "metrics")
+        rows = self._all("SELECT device_id, sha256, nbytes, reference_digest, metrics FROM updates "
+                         "WHERE round = ? ORDER BY received_at", (round_index,))
+        out = [dict(zip(keys, r)) for r in rows]
+        for u in out:
+            u["metrics"] = json.loads(u["metrics"])
+        return out
+
+    def find_update(self, round_index: int, device_id: str) -> Optional[str]:
+        """The SHA-256 of the update a device sent for a round, None if none."""
+        row = self._one("SELECT sha256 FROM updates WHERE round = ? AND device_id = ?", (round_index, device_id))
+        return None if row is None else row[0]
+
+    # --- arrays -------------------------------------------------------------------------------------
+    def save_theta(self, round_index: int, wire: bytes) -> None:
+        write_atomic(self.folder / f"theta-{round_index}.bin", wire)
+
+    def load_theta(self, round_index: int) -> bytes:
+        return (self.folder / f"theta-{round_index}.bin").read_bytes()
+
+    def save_counts(self, round_index: int, ones: np.ndarray) -> None:
+        path = self.folder / f"counts-{round_index}.npy"
+        tmp = path.with_name(path.name + ".tmp")
+        with open(tmp, "wb") as f:
+            np.save(f, ones, allow_pickle=False)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+        _fsync_dir(self.folder)
+
+    def load_counts(self, round_index: int) -> Optional[np.ndarray]:
+        path = self.folder / f"counts-{round_index}.npy"
+        return np.load(path, allow_pickle=False) if path.exists() else None
+
+    def save_head(self, head: bytes) -> None:
+        write_atomic(self.folder / "head.bin", head)
+
+    def load_head(self) -> Optional[bytes]:
+        path = self.folder / "head.bin"
+        return path.read_bytes() if path.exists() else None
+
+    def prune(self, keep_from: int) -> None:
+        """Delete theta and counts files of rounds before `keep_from` (they are never read again)."""
+        for path in list(self.folder.glob("theta-*.bin")) + list(self.folder.glob("counts-*.npy")):
+            if int(path.stem.split("-")[1]) < keep_from:
+                path.unlink()
+
+    # --- sqlite -------------------------------------------------------------------------------------
+    def _write(self, statements) -> None:
+        with self._lock:
+            self.db.execute("BEGIN IMMEDIATE")
+            try:
+                for sql, args in statements:
+                    self.db.execute(sql, args)
+                self.db.execute("COMMIT")
+            except BaseException:
+                self.db.execute("ROLLBACK")
+                raise
+
+    def _one(self, sql: str, args=()):
+        with self._lock:
+            return self.db.execute(sql, args).fetchone()
+
+    def _all(self, sql: str, args=()):
+        with self._lock:
+            return self.db.execute(sql, args).fetchall()
