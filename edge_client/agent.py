@@ -48,9 +48,9 @@ class Agent:
         self.prepare()
         done = -1
         while not self.stop.is_set():
-            task = retrying(lambda: self.stub.GetTask(pb.TaskRequest(
-                device_id=self.device_id, after_round=done, wait_s=self.config.task_wait_s),
-                timeout=self.config.task_wait_s + 30), "wait for a task", self.backoff, self.stop)
+            request = pb.TaskRequest(device_id=self.device_id, after_round=done, wait_s=self.config.task_wait_s)
+            task = retrying(lambda: self.stub.GetTask(request, timeout=self.config.task_wait_s + 30,
+                                                      wait_for_ready=True), "wait for a task", self.backoff, self.stop)
             if task.phase == pb.DONE:
                 log.info("training is over (last round %d)", task.round)
                 if self.config.exit_when_done:
@@ -75,6 +75,7 @@ class Agent:
     def serve(self, task: pb.Task) -> None:
         """One round: train what the task asks for and upload it."""
         cpu0, started = self._cpu_s(), time.perf_counter()
+        log.info("round %d (%s): selected", task.round, pb.Phase.Name(task.phase).lower())
         if task.phase == pb.HEAD:
             payload, reference_digest, extra = self.train_head(task)
         else:
@@ -93,8 +94,8 @@ class Agent:
         c = self.config
         request = pb.RegisterRequest(name=c.name, kind=KINDS[c.kind], memory_bytes=psutil.virtual_memory().total,
                                      preferred_codec=c.codec, agent_version=VERSION)
-        self.registration = retrying(lambda: self.stub.Register(request, timeout=30), "register", self.backoff,
-                                     self.stop)
+        self.registration = retrying(lambda: self.stub.Register(request, timeout=30, wait_for_ready=True),
+                                     "register", self.backoff, self.stop)
         self.device_id = self.registration.device_id
         log.info("registered as %s", self.device_id)
 
@@ -201,7 +202,7 @@ class Agent:
         while not self.stop.wait(interval):
             try:
                 self.stub.Heartbeat(pb.HeartbeatRequest(device_id=self.device_id, round=max(0, self.working_round)),
-                                    timeout=interval)
+                                    timeout=interval, wait_for_ready=True)
             except grpc.RpcError as exc:
                 log.debug("heartbeat: %s", exc.code().name)
 

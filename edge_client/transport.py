@@ -26,6 +26,9 @@ CHANNEL_OPTIONS = [
 ]
 RETRY = {grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED}  # the network, not the request
 CALL_TIMEOUT_S = 60.0
+# Every call is made with wait_for_ready=True: it waits (up to its timeout) for the channel to connect
+# instead of failing at once while the channel is reconnecting. It also keeps a call in flight while
+# the HTTP/2 handshake runs: with none in flight, a background reconnect can stall and time out.
 
 
 def connect(address: str) -> rpc.CoordinatorStub:
@@ -75,7 +78,7 @@ def fetch_theta(stub: rpc.CoordinatorStub, device_id: str, round_index: int, lim
         nonlocal parts
         offset = parts.received if parts is not None else 0
         for chunk in stub.FetchTheta(pb.FetchRequest(device_id=device_id, round=round_index, offset=offset),
-                                     timeout=CALL_TIMEOUT_S * 10):
+                                     timeout=CALL_TIMEOUT_S * 10, wait_for_ready=True):
             if parts is None:
                 parts = Assembler(chunk.total_length, chunk.sha256, limit)
             parts.add(chunk.offset, chunk.data)
@@ -96,5 +99,6 @@ def submit_update(stub: rpc.CoordinatorStub, header: pb.UpdateHeader, payload: b
                   stop: Optional[threading.Event] = None) -> pb.SubmitReply:
     """Upload, retrying a broken connection; a retry of an update already taken is acknowledged as a duplicate."""
     header.total_length, header.sha256 = len(payload), sha256_hex(payload)
-    return retrying(lambda: stub.SubmitUpdate(update_chunks(header, payload), timeout=CALL_TIMEOUT_S * 10),
+    return retrying(lambda: stub.SubmitUpdate(update_chunks(header, payload), timeout=CALL_TIMEOUT_S * 10,
+                                                    wait_for_ready=True),
                     f"upload for round {header.round}", backoff, stop)

@@ -79,7 +79,8 @@ class Device:
     kind: str
     memory_bytes: int
     codec: str
-    last_seen: float = 0.0
+    last_seen: float = 0.0  # the last call from it (any RPC: heartbeats, long polls, uploads)
+    ready: bool = False  # it has asked for work since it registered (it is not still loading its model)
 
 
 @dataclass(frozen=True)
@@ -194,8 +195,8 @@ class Coordinator:
             raise InvalidUpdate("a device needs a name")
         with self.cond:
             for device in self.devices.values():
-                if device.name == name:
-                    device.last_seen = self.clock()
+                if device.name == name:  # an agent restarted: it is not ready until it asks for work
+                    device.last_seen, device.ready = self.clock(), False
                     return device
             device = Device(secrets.token_hex(8), name, kind, int(memory_bytes), codec, self.clock())
             self.store.add_device(device.device_id, name, kind, device.memory_bytes, codec)
@@ -215,6 +216,8 @@ class Coordinator:
         until = time.monotonic() + max(0.0, min(wait_s, 300.0))
         with self.cond:
             device = self._device(device_id)
+            device.ready = True
+            self.cond.notify_all()
             while True:
                 device.last_seen = self.clock()
                 if self.done.is_set():
@@ -239,16 +242,12 @@ class Coordinator:
                 raise NotOpen(f"round {round_index} is a head round: no theta to fetch")
             return self.wire
 
-    def check_upload(self, device_id: str, round_index: int, total_length: int) -> None:
+    def check_upload(self, device_id: str, round_index: int, total_length: int, sha: str) -> None:
         """Refuse an upload from its header: unknown device, round not open for it, too large."""
         with self.cond:
             self._device(device_id)
-            if self.open is None or self.open.round != round_index:
-                if self.store.find_update(round_index, device_id) is not None:
-                    return  # a retry of an update already taken: submit() acknowledges it
+            if not self._duplicate(round_index, device_id, sha):
                 self._open_round(round_index, device_id)
-            elif device_id not in self.open.selected:
-                raise NotOpen(f"device {device_id} is not selected in round {round_index}")
         if total_length > self.max_upload_bytes:
             raise TooLarge(f"update of {total_length} bytes; the limit is {self.max_upload_bytes} bytes")
 
@@ -424,15 +423,14 @@ class Coordinator:
         r.received[device_id], r.nbytes[device_id], r.metrics[device_id] = sha, len(payload), metrics
 
     def _duplicate(self, round_index: int, device_id: str, sha: str) -> bool:
+        """Whether this exact update was taken already; Conflict for a different one in the open round."""
         r = self.open
-        taken = r.received.get(device_id) if r is not None and r.round == round_index else None
-        if taken is None:
-            taken = self.store.find_update(round_index, device_id)
-        if taken is None:
-            return False
-        if taken != sha:
-            raise Conflict(f"device {device_id} already sent a different update for round {round_index}")
-        return True
+        if r is not None and r.round == round_index:
+            taken = r.received.get(device_id)
+            if taken is not None and taken != sha:
+                raise Conflict(f"device {device_id} already sent a different update for round {round_index}")
+            return taken is not None
+        return self.store.find_update(round_index, device_id) == sha  # a retry after the round closed
 
     # --- helpers ------------------------------------------------------------------------------------
     def _device(self, device_id: str) -> Device:
@@ -451,8 +449,9 @@ class Coordinator:
         return r
 
     def _online(self) -> List[str]:
+        """Devices that may be sampled: ready, and heard from within two heartbeat intervals."""
         horizon = self.clock() - 2 * self.config.heartbeat_interval_s
-        return [d.device_id for d in self.devices.values() if d.last_seen >= horizon]
+        return [d.device_id for d in self.devices.values() if d.ready and d.last_seen >= horizon]
 
     def _task(self, r: OpenRound) -> Task:
         c = self.config

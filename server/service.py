@@ -13,7 +13,7 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from deltamask.errors import PayloadError
-from deltamask.transfer import Assembler, sha256_hex, split
+from deltamask.transfer import CHUNK_BYTES, Assembler, sha256_hex, split
 from deltamask.v1 import coordinator_pb2 as pb
 from deltamask.v1 import coordinator_pb2_grpc as rpc
 from server.coordinator import (DONE, HEAD, IDLE, MASK, Conflict, Coordinator, CoordinatorError, InvalidUpdate,
@@ -61,8 +61,8 @@ def _refusals(method):
 
 
 class CoordinatorService(rpc.CoordinatorServicer):
-    def __init__(self, coordinator: Coordinator) -> None:
-        self.c = coordinator
+    def __init__(self, coordinator: Coordinator, chunk_bytes: int = CHUNK_BYTES) -> None:
+        self.c, self.chunk_bytes = coordinator, chunk_bytes
 
     @_refusals
     def Register(self, request, context):
@@ -96,7 +96,7 @@ class CoordinatorService(rpc.CoordinatorServicer):
         if request.offset > len(wire):
             raise InvalidUpdate(f"offset {request.offset} is past the end of theta ({len(wire)} bytes)")
         return (pb.Chunk(total_length=len(wire), sha256=digest, offset=offset, data=piece)
-                for offset, piece in split(wire, request.offset))
+                for offset, piece in split(wire, request.offset, self.chunk_bytes))
 
     @_refusals
     def SubmitUpdate(self, request_iterator, context):
@@ -104,7 +104,7 @@ class CoordinatorService(rpc.CoordinatorServicer):
         if first is None or first.WhichOneof("part") != "header":
             raise InvalidUpdate("an update starts with its header")
         h = first.header
-        self.c.check_upload(h.device_id, h.round, h.total_length)
+        self.c.check_upload(h.device_id, h.round, h.total_length, h.sha256)
         try:
             parts = Assembler(h.total_length, h.sha256, self.c.max_upload_bytes)
             for chunk in request_iterator:
@@ -137,10 +137,11 @@ def _metrics(m: pb.Metrics) -> Dict:
 class Server:
     """The gRPC server around a coordinator: services, health, reflection, graceful stop."""
 
-    def __init__(self, coordinator: Coordinator, address: str, max_workers: int = 64) -> None:
+    def __init__(self, coordinator: Coordinator, address: str, max_workers: int = 64,
+                 chunk_bytes: int = CHUNK_BYTES) -> None:
         self.coordinator = coordinator
         self.grpc = grpc.server(futures.ThreadPoolExecutor(max_workers=max_workers), options=SERVER_OPTIONS)
-        rpc.add_CoordinatorServicer_to_server(CoordinatorService(coordinator), self.grpc)
+        rpc.add_CoordinatorServicer_to_server(CoordinatorService(coordinator, chunk_bytes), self.grpc)
         self.health = health.HealthServicer()
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.grpc)
         reflection.enable_server_reflection(

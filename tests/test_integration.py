@@ -1,0 +1,188 @@
+"""A real coordinator process and real client processes over loopback gRPC, on the tiny model and digits."""
+import json
+import os
+import signal
+import socket
+import sqlite3
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import yaml
+
+from deltamask.aggregation import BetaCounts, reset_due
+from deltamask.codecs import decode
+from deltamask.rounds import rebuild_client_mask
+from deltamask.sampling import round_seed, theta_to_thresholds, thresholds_to_theta
+from deltamask.thetawire import decode_theta
+
+ROOT = Path(__file__).resolve().parents[1]
+D = 6768  # the tiny model's masked weights
+SERVER = dict(backbone="tiny", weights=None, blocks=5, image_size=16, num_classes=10, expected_clients=3,
+              min_quorum=2, rounds=3, round_deadline_s=60, heartbeat_interval_s=1, exit_when_done=True, seed=5,
+              local={"epochs": 1, "batch_size": 32, "lr": 0.1, "head_epochs": 3})
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class Fleet:
+    """Config files, processes and logs of one coordinator and its clients under a tmp folder."""
+
+    def __init__(self, folder: Path, clients: int = 3, **server) -> None:
+        self.folder, self.port = folder, free_port()
+        self.config = {**SERVER, **server, "listen": f"127.0.0.1:{self.port}", "state_dir": str(folder / "state")}
+        (folder / "server.yaml").write_text(yaml.safe_dump(self.config))
+        for i in range(clients):
+            (folder / f"client{i}.yaml").write_text(yaml.safe_dump({
+                "name": f"dev-{i}", "server": f"127.0.0.1:{self.port}", "weights": None, "progress": False,
+                "cache_dir": str(folder / f"cache{i}"), "task_wait_s": 2, "max_backoff_s": 2,
+                "data": {"dataset": "digits", "clients": clients, "index": i, "min_per_client": 5}}))
+        # one torch thread a process: four processes share this machine's cores
+        self.env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
+        self.clients = []
+
+    def start_server(self) -> subprocess.Popen:
+        self.server = self._spawn("server", "server.cli", self.folder / "server.yaml")
+        return self.server
+
+    def start_client(self, i: int) -> subprocess.Popen:
+        process = self._spawn(f"client{i}", "edge_client.cli", self.folder / f"client{i}.yaml")
+        self.clients.append(process)
+        return process
+
+    def _spawn(self, name: str, module: str, config: Path) -> subprocess.Popen:
+        out, err = open(self.folder / f"{name}.out", "ab"), open(self.folder / f"{name}.err", "ab")
+        return subprocess.Popen([sys.executable, "-m", module, "--config", str(config)], cwd=ROOT, env=self.env,
+                                stdout=out, stderr=err)
+
+    def log(self, name: str) -> str:
+        return (self.folder / f"{name}.err").read_text()
+
+    def summaries(self):
+        return [json.loads(line) for line in (self.folder / "server.out").read_text().splitlines() if line]
+
+    def wait(self, process: subprocess.Popen, timeout: float = 240) -> int:
+        try:
+            return process.wait(timeout)
+        except subprocess.TimeoutExpired:
+            self.kill()
+            pytest.fail(f"timed out; server log:\n{self.log('server')[-3000:]}")
+
+    def kill(self) -> None:
+        for p in [getattr(self, "server", None), *self.clients]:
+            if p is not None and p.poll() is None:
+                p.kill()
+                p.wait()
+
+
+@pytest.fixture
+def fleet(tmp_path):
+    made = []
+
+    def make(**kw) -> Fleet:
+        made.append(Fleet(tmp_path, **kw))
+        return made[-1]
+
+    yield make
+    for f in made:
+        f.kill()
+
+
+def reaggregate(state: Path, config: dict) -> np.ndarray:
+    """theta after the last round, recomputed offline from the uploads the coordinator kept."""
+    db = sqlite3.connect(state / "coordinator.db")
+    rounds = db.execute("SELECT round, phase, state FROM rounds ORDER BY round").fetchall()
+    thresholds = theta_to_thresholds(np.full(D, 0.99))
+    counts, mask_index = BetaCounts(D), 0
+    for r, phase, status in rounds:
+        if phase != "mask" or status != "closed":
+            continue
+        if reset_due(mask_index, 1.0):
+            counts.reset()
+        seed = round_seed(config["seed"], r)
+        for device, digest in db.execute("SELECT device_id, reference_digest FROM updates WHERE round = ?", (r,)):
+            payload = (state / "updates" / str(r) / f"{device}.bin").read_bytes()
+            packed, drawn = rebuild_client_mask(decode(payload, D), thresholds, seed, device)
+            assert drawn == digest
+            counts.add_packed(packed)
+        thresholds = theta_to_thresholds(counts.theta(previous=thresholds_to_theta(thresholds, np.float64)))
+        mask_index += 1
+    db.close()
+    return thresholds
+
+
+def test_three_clients_three_rounds_match_an_offline_reaggregation(fleet):
+    f = fleet()
+    f.start_server()
+    for i in range(3):
+        f.start_client(i)
+    assert f.wait(f.server) == 0, f.log("server")[-3000:]
+    assert [f.wait(c) for c in f.clients] == [0, 0, 0]
+    rows = f.summaries()
+    assert [(r["round"], r["phase"], r["state"], r["received"]) for r in rows] == [
+        (0, "head", "closed", 3), (1, "mask", "closed", 3), (2, "mask", "closed", 3), (3, "mask", "closed", 3)]
+    assert all(0 < r["uplink_bpp"] for r in rows) and all(r["downlink_bpp"] > 0 for r in rows[1:])
+    assert all("accuracy" not in r for r in rows)  # no evaluation data configured
+    state = f.folder / "state"
+    final = decode_theta((state / "theta-4.bin").read_bytes(), D)
+    offline = reaggregate(state, f.config)
+    assert np.array_equal(final, offline)
+    assert not np.array_equal(final, theta_to_thresholds(np.full(D, 0.99)))  # the rounds did move theta
+
+
+def test_a_client_killed_mid_round_is_waited_for_until_the_deadline_only(fleet):
+    deadline = 25  # far above a round's few seconds here, so that only the killed client misses it
+    f = fleet(rounds=2, round_deadline_s=deadline)
+    f.start_server()
+    victim = [f.start_client(i) for i in range(3)][2]
+    started = time.monotonic()
+    while "(mask): selected" not in f.log("client2"):
+        assert time.monotonic() - started < 180 and victim.poll() is None, f.log("client2")[-2000:]
+        time.sleep(0.02)
+    victim.send_signal(signal.SIGKILL)
+    killed = int(f.log("client2").split("(mask): selected")[0].rsplit("round ", 1)[1].split()[0])
+    victim.wait()
+    assert f.wait(f.server) == 0, f.log("server")[-3000:]
+    assert [f.wait(c) for c in f.clients[:2]] == [0, 0]
+    rows = {r["round"]: r for r in f.summaries()}
+    cut, after = rows[killed], rows[killed + 1]
+    assert cut["state"] == "closed" and (cut["selected"], cut["received"]) == (3, 2) and len(cut["lost"]) == 1
+    assert after["state"] == "closed" and (after["selected"], after["received"]) == (2, 2)  # the dead one is offline
+    db = sqlite3.connect(f.folder / "state" / "coordinator.db")
+    opened, closed, due = db.execute("SELECT opened_at, closed_at, deadline FROM rounds WHERE round = ?",
+                                     (killed,)).fetchone()
+    assert closed >= due and due - opened == pytest.approx(deadline, abs=0.1)
+    last = max(rows)
+    assert np.array_equal(decode_theta((f.folder / "state" / f"theta-{last + 1}.bin").read_bytes(), D),
+                          reaggregate(f.folder / "state", f.config))
+
+
+def test_sigterm_stops_the_coordinator_and_a_restart_resumes_where_it_was(fleet):
+    f = fleet(rounds=4)
+    f.start_server()
+    for i in range(3):
+        f.start_client(i)
+    started = time.monotonic()
+    while len(f.summaries()) < 2:  # the head round and mask round 1 are closed
+        assert time.monotonic() - started < 180 and f.server.poll() is None, f.log("server")[-3000:]
+        time.sleep(0.05)
+    f.server.send_signal(signal.SIGTERM)
+    assert f.wait(f.server, 30) == 0
+    assert "stopped" in f.log("server")
+    f.start_server()  # the clients reconnect on their own
+    assert f.wait(f.server) == 0, f.log("server")[-3000:]
+    assert [f.wait(c) for c in f.clients] == [0, 0, 0]
+    rounds = [r["round"] for r in f.summaries()]
+    assert rounds == sorted(set(rounds)) and rounds[-1] >= 4  # no round twice, none lost
+    db = sqlite3.connect(f.folder / "state" / "coordinator.db")
+    assert db.execute("SELECT count(*) FROM devices").fetchone()[0] == 3  # the same three, not six
+    last = rounds[-1]
+    assert np.array_equal(decode_theta((f.folder / "state" / f"theta-{last + 1}.bin").read_bytes(), D),
+                          reaggregate(f.folder / "state", f.config))
