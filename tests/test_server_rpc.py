@@ -180,9 +180,9 @@ def test_theta_download_resumes_from_an_offset(tmp_path):
             def __init__(self):
                 self.calls = []
 
-            def FetchTheta(self, request, timeout=None):
+            def FetchTheta(self, request, **kw):
                 self.calls.append(request.offset)
-                for i, chunk in enumerate(stub.FetchTheta(request, timeout=timeout)):
+                for i, chunk in enumerate(stub.FetchTheta(request, **kw)):
                     if len(self.calls) == 1 and i == 2:
                         raise _Unavailable()
                     yield chunk
