@@ -6,7 +6,7 @@ BIN := $(VENV)/bin
 TORCH_SPEC ?= torch==2.14.1 torchvision==0.29.1
 FASHION_MNIST ?= /usr/share/datasets/fashion-mnist
 
-.PHONY: test install data bench-codecs bench-thetawire bench-prefix clean
+.PHONY: test install data demo bench-codecs bench-thetawire bench-prefix bench-round proto clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -36,6 +36,9 @@ bench-codecs: install
 
 bench-thetawire: install
 	$(BIN)/python benchmarks/thetawire.py
+
+bench-round: install
+	$(BIN)/python benchmarks/round.py
 
 bench-prefix: install
 	HF_HUB_OFFLINE=1 $(BIN)/python benchmarks/prefix_cache.py

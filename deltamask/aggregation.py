@@ -8,6 +8,8 @@ from typing import Optional
 
 import numpy as np
 
+from deltamask.sampling import theta_to_thresholds
+
 MODE, MEAN = "mode", "mean"
 
 
@@ -54,6 +56,19 @@ class BetaCounts:
     def theta(self, formula: str = MODE, previous: Optional[np.ndarray] = None) -> np.ndarray:
         """theta as float64 (see `theta_from_counts`)."""
         return theta_from_counts(self.ones, self.masks, self.lambda0, formula, previous)
+
+    def thresholds(self, formula: str = MODE, previous: Optional[np.ndarray] = None) -> np.ndarray:
+        """theta as wire thresholds (uint32), equal to `theta_to_thresholds(self.theta(...))` element for
+        element, computed without a float vector of length d: theta depends only on the integer count at
+        a position, so it is taken once per count value (0 .. masks) and looked up. `previous` holds the
+        previous thresholds, kept where the mode is undefined."""
+        denominator = 2 * self.lambda0 - 2 + self.masks
+        if formula == MODE and denominator <= 0:
+            if previous is None:
+                raise ValueError("the mode is undefined with no masks and lambda0 <= 1; pass previous")
+            return np.asarray(previous, dtype=np.uint32)
+        table = theta_to_thresholds(theta_from_counts(np.arange(self.masks + 1), self.masks, self.lambda0, formula))
+        return table[self.ones]
 
 
 def theta_from_counts(ones: np.ndarray, masks: int, lambda0: float = 1.0, formula: str = MODE,

@@ -28,7 +28,7 @@ from deltamask.delta import cosine_kappa
 from deltamask.errors import PayloadError
 from deltamask.headwire import decode_head, encode_head
 from deltamask.rounds import rebuild_client_mask
-from deltamask.sampling import round_seed, theta_to_thresholds, thresholds_to_theta
+from deltamask.sampling import round_seed, theta_to_thresholds
 from deltamask.thetawire import decode_theta, encode_theta, theta_digest
 from deltamask.transfer import sha256_hex
 from server.config import ServerConfig
@@ -351,8 +351,7 @@ class Coordinator:
             self.head = _average_heads(r.heads)
             self.store.save_head(self.head)
         elif state == "closed":
-            theta = self.counts.theta(c.theta_formula, previous=thresholds_to_theta(self.thresholds, np.float64))
-            thresholds = theta_to_thresholds(theta)
+            thresholds = self.counts.thresholds(c.theta_formula, previous=self.thresholds)
             wire = encode_theta(thresholds)
             self.mask_rounds += 1
         else:  # skipped: the counts go back to what they were when the round opened

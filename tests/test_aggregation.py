@@ -4,6 +4,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from deltamask.aggregation import MEAN, MODE, BetaCounts, reset_due, reset_period, theta_from_counts
+from deltamask.sampling import theta_to_thresholds, thresholds_to_theta
 
 
 @given(st.integers(1, 8), st.integers(1, 200), st.integers(0, 2**32 - 1))
@@ -86,3 +87,19 @@ def test_sharded_slices_then_mask_count_equal_whole_masks():
     sharded.count_masks(3)
     assert np.array_equal(whole.ones, sharded.ones) and whole.masks == sharded.masks
     assert np.array_equal(whole.theta(), sharded.theta())
+
+
+@pytest.mark.parametrize("formula,lambda0", [("mode", 1.0), ("mode", 2.5), ("mean", 1.0), ("mean", 0.5)])
+def test_thresholds_equal_the_thresholds_of_theta(formula, lambda0):
+    rng = np.random.default_rng(3)
+    counts = BetaCounts(5000, lambda0)
+    for _ in range(7):
+        counts.add(rng.random(5000) < rng.random(5000))
+    previous = theta_to_thresholds(rng.random(5000))
+    expected = theta_to_thresholds(counts.theta(formula, previous=thresholds_to_theta(previous, np.float64)))
+    assert np.array_equal(counts.thresholds(formula, previous=previous), expected)
+
+
+def test_thresholds_keep_the_previous_ones_where_the_mode_is_undefined():
+    previous = theta_to_thresholds(np.linspace(0, 1, 100))
+    assert np.array_equal(BetaCounts(100).thresholds(previous=previous), previous)
