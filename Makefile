@@ -31,6 +31,14 @@ data:
 test: install data
 	HF_HUB_OFFLINE=1 $(BIN)/python -m pytest -q
 
+# a coordinator and 3 edge agents on localhost: MobileNetV2 + Fashion-MNIST, a few rounds
+demo: install data
+	HF_HUB_OFFLINE=1 $(BIN)/python -m server.demo
+
+# regenerate deltamask/v1 from proto/ (grpcio-tools 1.70.0 comes with the test extra)
+proto: install
+	$(BIN)/python proto/generate.py
+
 bench-codecs: install
 	$(BIN)/python benchmarks/codecs.py
 

@@ -39,13 +39,15 @@ def from_dict(cls: Type[T], data: Dict[str, Any], source: str = "config", prefix
     hints = typing.get_type_hints(cls)
     unknown = sorted(set(data) - set(fields))
     if unknown:
-        raise ConfigError(f"{source}: unknown key {prefix}{unknown[0]!r}; known keys: {', '.join(fields)}")
+        names = ", ".join(repr(prefix + k) for k in unknown)
+        raise ConfigError(f"{source}: unknown key{'s' if len(unknown) > 1 else ''} {names}; known keys: "
+                          f"{', '.join(fields)}")
     values = {}
     for name, value in data.items():
         values[name] = _convert(hints[name], value, source, prefix + name)
     for name, f in fields.items():
         if name not in values and f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
-            raise ConfigError(f"{source}: missing key {prefix}{name!r}")
+            raise ConfigError(f"{source}: missing key {prefix + name!r}")
     obj = cls(**values)
     check = getattr(obj, "check", None)
     if check is not None:

@@ -1,0 +1,147 @@
+"""The round state machine without the network: sampling, liveness, deadlines, skips, restarts."""
+import numpy as np
+import pytest
+
+from deltamask.codecs import get_codec
+from deltamask.headwire import encode_head
+from deltamask.rounds import client_update
+from deltamask.sampling import thresholds_to_theta
+from server.config import ServerConfig
+from server.coordinator import HEAD, IDLE, MASK, Coordinator, ModelFacts, NotOpen
+from server.store import Store
+
+D, FEATURES, CLASSES = 4096, 8, 3
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.now = 1_000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def make(tmp_path, clock, **kw) -> Coordinator:
+    config = ServerConfig(**{**dict(state_dir=str(tmp_path / "state"), backbone=None, d=D, num_classes=CLASSES,
+                                    expected_clients=3, min_quorum=2, rounds=3, round_deadline_s=100,
+                                    heartbeat_interval_s=10, codec="exact"), **kw})
+    return Coordinator(config, ModelFacts(D, "layout", FEATURES), Store(config.state_dir), clock=clock)
+
+
+def join(c: Coordinator, names):
+    ids = [c.register(n, "rpi4", 0, "").device_id for n in names]
+    for i in ids:
+        assert c.get_task(i, -1, 0).phase == IDLE  # ready: it asks for work
+    return ids
+
+
+def head(c: Coordinator, ids):
+    c.step()
+    assert c.open.phase == HEAD
+    for i in ids:
+        c.submit(i, c.open.round, encode_head(np.ones((CLASSES, FEATURES)), np.zeros(CLASSES)), "",
+                 {"num_examples": 10})
+    c.step()
+    c.step()
+    assert c.open.phase == MASK
+
+
+def upload(c: Coordinator, device: str, seed: int = 0):
+    r = c.open
+    theta_k = thresholds_to_theta(c.thresholds).astype(np.float64)
+    theta_k[np.random.default_rng(seed).choice(D, 200, replace=False)] = 0.02
+    return client_update(c.thresholds, theta_k, r.seed, device, r.kappa, get_codec(c.config.codec),
+                         c.config.reference)
+
+
+def test_no_round_opens_before_the_expected_devices_are_ready(tmp_path):
+    clock = Clock()
+    c = make(tmp_path, clock)
+    join(c, ["a", "b"])
+    c.register("c", "rpi4", 0, "")  # registered, still loading its model
+    c.step()
+    assert c.open is None
+    join(c, ["c"])
+    c.step()
+    assert c.open is not None and len(c.open.selected) == 3
+
+
+def test_a_device_missing_two_heartbeats_is_not_sampled(tmp_path):
+    clock = Clock()
+    c = make(tmp_path, clock, expected_clients=2)
+    a, b, late = join(c, ["a", "b", "late"])
+    head(c, [a, b, late])
+    for device in (a, b, late):
+        upload_ = upload(c, device)
+        c.submit(device, c.open.round, upload_.payload, upload_.reference_digest, {})
+    clock.now += 15
+    c.heartbeat(a)
+    c.heartbeat(b)
+    clock.now += 10  # late: 25 s without a word (> 2 x 10 s)
+    c.step()
+    c.step()
+    assert sorted(c.open.selected) == sorted([a, b])
+
+
+def test_rho_samples_a_fraction_with_the_round_seed(tmp_path):
+    c = make(tmp_path, Clock(), rho=0.5, expected_clients=6, min_quorum=1)
+    ids = join(c, [f"d{i}" for i in range(6)])
+    c.step()
+    assert len(c.open.selected) == 3 and set(c.open.selected) <= set(ids)
+    again = make(tmp_path / "other", Clock(), rho=0.5, expected_clients=6, min_quorum=1)
+    join(again, [f"d{i}" for i in range(6)])
+    again.step()
+    names = {d.device_id: d.name for d in c.devices.values()}
+    names2 = {d.device_id: d.name for d in again.devices.values()}
+    assert len({names[i] for i in c.open.selected}) == 3 and len({names2[i] for i in again.open.selected}) == 3
+
+
+def test_a_round_below_quorum_at_its_deadline_is_skipped_and_changes_nothing(tmp_path):
+    clock = Clock()
+    c = make(tmp_path, clock)
+    ids = join(c, ["a", "b", "c"])
+    head(c, ids)
+    before, thresholds, r = c.counts.ones.copy(), c.thresholds.copy(), c.open.round
+    up = upload(c, ids[0])
+    c.submit(ids[0], r, up.payload, up.reference_digest, {})
+    assert c.counts.masks == 1
+    c.step()
+    assert c.open.round == r  # not yet: before the deadline
+    clock.now += 101
+    for i in ids:
+        c.heartbeat(i)
+    c.step()
+    assert c.history[-1]["state"] == "skipped" and c.history[-1]["lost"] == sorted(ids[1:])
+    assert np.array_equal(c.counts.ones, before) and c.counts.masks == 0
+    assert np.array_equal(c.thresholds, thresholds) and c.mask_rounds == 0
+    with pytest.raises(NotOpen):
+        c.submit(ids[1], r, up.payload, up.reference_digest, {})  # late for a closed round
+
+
+def test_a_restart_mid_round_replays_the_stored_uploads(tmp_path):
+    clock = Clock()
+    c = make(tmp_path, clock)
+    ids = join(c, ["a", "b", "c"])
+    head(c, ids)
+    ups = {i: upload(c, i, seed=k) for k, i in enumerate(ids)}
+    for i in ids[:2]:
+        c.submit(i, c.open.round, ups[i].payload, ups[i].reference_digest, {})
+    ones, r = c.counts.ones.copy(), c.open.round
+    c.store.close()
+
+    again = make(tmp_path, clock)  # same state_dir: a restarted coordinator
+    assert again.open.round == r and sorted(again.open.received) == sorted(ids[:2])
+    assert np.array_equal(again.counts.ones, ones) and again.counts.masks == 2
+    assert {d.name for d in again.devices.values()} == {"a", "b", "c"}
+    assert again.head == c.head
+    again.submit(ids[2], r, ups[ids[2]].payload, ups[ids[2]].reference_digest, {})
+    again.step()
+    assert again.history[-1]["state"] == "closed" and again.history[-1]["received"] == 3
+    assert again.submit(ids[0], r, ups[ids[0]].payload, ups[ids[0]].reference_digest, {})  # a retry: duplicate
+
+
+def test_a_state_dir_of_another_model_is_refused(tmp_path):
+    make(tmp_path, Clock()).store.close()
+    config = ServerConfig(state_dir=str(tmp_path / "state"), backbone=None, d=D + 1)
+    with pytest.raises(ValueError, match="use another state_dir"):
+        Coordinator(config, ModelFacts(D + 1, "layout", FEATURES), Store(config.state_dir))
