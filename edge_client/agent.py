@@ -48,9 +48,16 @@ class Agent:
         self.prepare()
         done = -1
         while not self.stop.is_set():
-            request = pb.TaskRequest(device_id=self.device_id, after_round=done, wait_s=self.config.task_wait_s)
-            task = retrying(lambda: self.stub.GetTask(request, timeout=self.config.task_wait_s + 30,
-                                                      wait_for_ready=True), "wait for a task", self.backoff, self.stop)
+            try:
+                task = self.next_task(done)
+            except grpc.RpcError as exc:
+                if exc.code() == grpc.StatusCode.UNAUTHENTICATED:  # the coordinator forgot us: register again
+                    log.warning("%s; registering again", exc.details())
+                    self.register()
+                else:
+                    log.warning("waiting for a task: %s %s", exc.code().name, exc.details())
+                    self.stop.wait(self.backoff.next_wait())
+                continue
             if task.phase == pb.DONE:
                 log.info("training is over (last round %d)", task.round)
                 if self.config.exit_when_done:
@@ -71,6 +78,12 @@ class Agent:
             done = task.round
         self.stop.set()
         return 0
+
+    def next_task(self, done: int) -> pb.Task:
+        """Long-poll for the next round this device is selected in (IDLE when the wait runs out)."""
+        request = pb.TaskRequest(device_id=self.device_id, after_round=done, wait_s=self.config.task_wait_s)
+        return retrying(lambda: self.stub.GetTask(request, timeout=self.config.task_wait_s + 30, wait_for_ready=True),
+                        "wait for a task", self.backoff, self.stop)
 
     def serve(self, task: pb.Task) -> None:
         """One round: train what the task asks for and upload it."""

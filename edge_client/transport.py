@@ -24,7 +24,8 @@ CHANNEL_OPTIONS = [
     ("grpc.max_receive_message_length", 8 << 20),
     ("grpc.enable_retries", 0),  # retries are ours (Backoff), with jitter and logging
 ]
-RETRY = {grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED}  # the network, not the request
+# the network or a coordinator going away (calls in flight at its shutdown end CANCELLED), not the request
+RETRY = {grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED, grpc.StatusCode.CANCELLED}
 CALL_TIMEOUT_S = 60.0
 # Every call is made with wait_for_ready=True: it waits (up to its timeout) for the channel to connect
 # instead of failing at once while the channel is reconnecting. It also keeps a call in flight while
