@@ -22,6 +22,7 @@ import psutil
 
 from deltamask.v1 import coordinator_pb2 as pb
 from edge_client.config import AgentConfig
+from edge_client.sdnotify import Watchdog, notify
 from edge_client.transport import Backoff, connect, fetch_theta, retrying, submit_update
 
 log = logging.getLogger(__name__)
@@ -39,6 +40,7 @@ class Agent:
         self.device_id = ""
         self.working_round = -1
         self.process = psutil.Process()
+        self.watchdog = Watchdog()
 
     # --- the loop -----------------------------------------------------------------------------------
     def run(self) -> int:
@@ -46,8 +48,11 @@ class Agent:
         self.register()
         threading.Thread(target=self._heartbeats, name="heartbeat", daemon=True).start()
         self.prepare()
+        notify("READY=1")
         done = -1
         while not self.stop.is_set():
+            self.watchdog.ping()
+            notify(f"STATUS=waiting for a task after round {done}")
             try:
                 task = self.next_task(done)
             except grpc.RpcError as exc:
@@ -76,6 +81,7 @@ class Agent:
                 else:
                     log.warning("round %d refused: %s %s", task.round, exc.code().name, exc.details())
             done = task.round
+        notify("STOPPING=1")
         self.stop.set()
         return 0
 
@@ -198,8 +204,13 @@ class Agent:
                                  seed=sample_seed(task.seed, self.device_id) % 2 ** 31)
         bar = _progress(None, self.config.progress, f"round {task.round}", total=settings.epochs * len(self.labels),
                         unit="img")
+        def progress(images: int) -> None:  # the watchdog is fed batch by batch: a round may take an hour
+            self.watchdog.ping()
+            if bar is not None:
+                bar.update(images)
+
         theta_k = train_mask(self.net, self.masks, thresholds_to_theta(thresholds), self.inputs, self.labels,
-                             settings, progress=bar.update if bar is not None else None)
+                             settings, progress=progress)
         if bar is not None:
             bar.close()
         trained = time.perf_counter()
