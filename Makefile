@@ -5,8 +5,16 @@ BIN := $(VENV)/bin
 # torch and torchvision versions that import together on this kind of machine (environment.md)
 TORCH_SPEC ?= torch==2.14.1 torchvision==0.29.1
 FASHION_MNIST ?= /usr/share/datasets/fashion-mnist
+# The edge environment: what a Python 3.8-3.9 aarch64 board gets (environment.md): grpcio 1.70, protobuf
+# 5.29, no torch. grpcio-tools 1.70.0 there also checks the generated code against proto/.
+PYTHON_EDGE ?= $(firstword $(wildcard $(HOME)/.pyenv/versions/3.9*/bin/python3.9) $(shell command -v python3.9 2>/dev/null))
+EDGE_VENV ?= .venv-edge
+EDGE_SPEC := "grpcio==1.70.0" "grpcio-tools==1.70.0" "protobuf>=5.29,<5.30"
+EDGE_TESTS := tests/test_transfer.py tests/test_config_files.py tests/test_proto.py tests/test_cross_version.py \
+	tests/test_sampling.py tests/test_thetawire.py tests/test_delta.py tests/test_rounds.py \
+	tests/test_aggregation.py tests/codecs
 
-.PHONY: test install data demo bench-codecs bench-thetawire bench-prefix bench-round proto clean
+.PHONY: test test-edge install data demo bench-codecs bench-thetawire bench-prefix bench-round proto clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -28,16 +36,30 @@ data:
 	  else echo "Fashion-MNIST not found: apt-get install dataset-fashion-mnist (or pass --data-root)"; fi; \
 	fi
 
+$(EDGE_VENV)/.installed: pyproject.toml Makefile
+	@if [ -z "$(PYTHON_EDGE)" ]; then echo "WARNING: no Python 3.9 found (set PYTHON_EDGE); the edge environment uses $(PYTHON)"; fi
+	$(or $(PYTHON_EDGE),$(PYTHON)) -m venv $(EDGE_VENV)
+	$(EDGE_VENV)/bin/python -m pip install --quiet --upgrade pip
+	$(EDGE_VENV)/bin/python -m pip install --quiet $(EDGE_SPEC) "pytest>=7" "hypothesis>=6" "pypng>=0.20220715"
+	$(EDGE_VENV)/bin/python -m pip install --quiet -e .
+	touch $@
+
+# the agent's wire code and the core under the oldest supported runtime, against this coordinator
+test-edge: install $(EDGE_VENV)/.installed
+	$(EDGE_VENV)/bin/python -c "import sys, grpc, google.protobuf as p; print('edge environment: Python', sys.version.split()[0], 'grpcio', grpc.__version__, 'protobuf', p.__version__)"
+	DELTAMASK_SERVER_PYTHON=$(abspath $(BIN)/python) HF_HUB_OFFLINE=1 $(EDGE_VENV)/bin/python -m pytest -q -p no:cacheprovider $(EDGE_TESTS)
+
 test: install data
 	HF_HUB_OFFLINE=1 $(BIN)/python -m pytest -q
+	$(MAKE) test-edge
 
 # a coordinator and 3 edge agents on localhost: MobileNetV2 + Fashion-MNIST, a few rounds
 demo: install data
 	HF_HUB_OFFLINE=1 $(BIN)/python -m server.demo
 
-# regenerate deltamask/v1 from proto/ (grpcio-tools 1.70.0 comes with the test extra)
-proto: install
-	$(BIN)/python proto/generate.py
+# regenerate deltamask/v1 from proto/ with grpcio-tools 1.70.0 (in the edge environment)
+proto: $(EDGE_VENV)/.installed
+	$(EDGE_VENV)/bin/python proto/generate.py
 
 bench-codecs: install
 	$(BIN)/python benchmarks/codecs.py
@@ -52,4 +74,4 @@ bench-prefix: install
 	HF_HUB_OFFLINE=1 $(BIN)/python benchmarks/prefix_cache.py
 
 clean:
-	rm -rf $(VENV) build *.egg-info .pytest_cache .hypothesis
+	rm -rf $(VENV) $(EDGE_VENV) build *.egg-info .pytest_cache .hypothesis

@@ -5,11 +5,20 @@ from pathlib import Path
 
 import google.protobuf
 import grpc
+import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
 def test_checked_in_code_has_not_drifted_from_the_proto():
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        tools = version("grpcio-tools")
+    except PackageNotFoundError:
+        tools = None
+    if tools != "1.70.0":
+        pytest.skip(f"needs grpcio-tools 1.70.0 (found {tools}): `make test` runs this in the edge environment")
     result = subprocess.run([sys.executable, "proto/generate.py", "--check"], cwd=ROOT, capture_output=True, text=True)
     assert result.returncode == 0, result.stdout + result.stderr
 
