@@ -226,3 +226,16 @@ def test_health_serves_then_turns_not_serving_on_stop(tmp_path):
     assert next(watch).status == health_pb2.HealthCheckResponse.NOT_SERVING
     channel.close()
     coordinator.store.close()
+
+
+def test_agent_keepalive_pings_are_ones_the_coordinator_accepts():
+    """An agent idle for an hour of training keeps its channel: it pings while no call is in flight, and
+    never more often than the coordinator tolerates (else GOAWAY "too_many_pings" drops the channel)."""
+    from edge_client.transport import CHANNEL_OPTIONS
+    from server.service import SERVER_OPTIONS
+
+    client, server = dict(CHANNEL_OPTIONS), dict(SERVER_OPTIONS)
+    assert client["grpc.keepalive_permit_without_calls"] == 1 and server["grpc.keepalive_permit_without_calls"] == 1
+    assert client["grpc.http2.max_pings_without_data"] == 0  # no cap on pings between calls
+    assert client["grpc.keepalive_time_ms"] >= server["grpc.http2.min_recv_ping_interval_without_data_ms"]
+    assert client["grpc.keepalive_time_ms"] <= 5 * 60_000  # well under common NAT idle timeouts
