@@ -162,6 +162,12 @@ def test_the_same_update_twice_is_harmless_and_a_different_one_is_refused(fleet,
     assert coordinator.history[-1]["round"] == 1 and coordinator.history[-1]["state"] == "closed"
     late = submit(stub, device, 1, upload.payload, upload.reference_digest)  # a retry after the close
     assert late.duplicate
+    status = stub.GetStatus(pb.StatusRequest(device_id=device))
+    assert status.registered == 1 and status.online == 1
+    assert [(h.round, h.phase, h.state, h.received) for h in status.history] == [
+        (0, pb.HEAD, "closed", 1), (1, pb.MASK, "closed", 1)]
+    assert status.history[1].uplink_bpp == pytest.approx(8 * len(upload.payload) / coordinator.d)
+    assert status.history[1].accuracy == -1.0  # no evaluation data configured
 
 
 def test_theta_download_resumes_from_an_offset(tmp_path):
@@ -239,3 +245,16 @@ def test_agent_keepalive_pings_are_ones_the_coordinator_accepts():
     assert client["grpc.http2.max_pings_without_data"] == 0  # no cap on pings between calls
     assert client["grpc.keepalive_time_ms"] >= server["grpc.http2.min_recv_ping_interval_without_data_ms"]
     assert client["grpc.keepalive_time_ms"] <= 5 * 60_000  # well under common NAT idle timeouts
+
+
+def test_backoff_is_exponential_with_full_jitter_and_a_cap():
+    import random
+
+    backoff = Backoff(base_s=1.0, cap_s=10.0, rng=random.Random(0))
+    waits = [backoff.next_wait() for _ in range(12)]
+    bounds = [min(10.0, 2.0 ** n) for n in range(12)]
+    assert all(0 <= w <= b for w, b in zip(waits, bounds))
+    assert len(set(waits)) == len(waits)  # jittered, not a fixed ladder
+    assert max(waits[6:]) > 2.0  # and growing to the cap
+    backoff.reset()
+    assert backoff.next_wait() <= 1.0
