@@ -12,7 +12,7 @@ EDGE_VENV ?= .venv-edge
 EDGE_SPEC := "grpcio==1.70.0" "grpcio-tools==1.70.0" "protobuf>=5.29,<5.30"
 EDGE_TESTS := tests/test_transfer.py tests/test_config_files.py tests/test_proto.py tests/test_cross_version.py \
 	tests/test_sampling.py tests/test_thetawire.py tests/test_delta.py tests/test_rounds.py \
-	tests/test_aggregation.py tests/codecs
+	tests/test_aggregation.py tests/codecs tests/test_energy.py
 
 .PHONY: test test-edge install data demo bench-codecs bench-thetawire bench-prefix bench-round proto clean
 
@@ -28,12 +28,15 @@ $(VENV)/.installed: $(BIN)/python pyproject.toml Makefile
 
 install: $(VENV)/.installed
 
-# Fashion-MNIST from Debian's package when apt is usable; otherwise the tests that need it say so and skip.
+# Debian packages the tests use, when apt is usable: Fashion-MNIST (tests that need it skip and say so
+# otherwise) and shellcheck (the install scripts are checked with it, or that test skips).
 data:
-	@if [ ! -d $(FASHION_MNIST) ]; then \
+	@missing=""; [ -d $(FASHION_MNIST) ] || missing="dataset-fashion-mnist"; \
+	command -v shellcheck >/dev/null || missing="$$missing shellcheck"; \
+	if [ -n "$$missing" ]; then \
 	  if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
-	    (apt-get install -y -qq dataset-fashion-mnist || (apt-get update -qq && apt-get install -y -qq dataset-fashion-mnist)) >/dev/null; \
-	  else echo "Fashion-MNIST not found: apt-get install dataset-fashion-mnist (or pass --data-root)"; fi; \
+	    (apt-get install -y -qq $$missing || (apt-get update -qq && apt-get install -y -qq $$missing)) >/dev/null; \
+	  else echo "not installed: $$missing (apt-get install $$missing)"; fi; \
 	fi
 
 $(EDGE_VENV)/.installed: pyproject.toml Makefile

@@ -14,7 +14,6 @@ import sys
 import threading
 import time
 from pathlib import Path
-from typing import Dict, Optional
 
 import grpc
 import numpy as np
@@ -22,6 +21,7 @@ import psutil
 
 from deltamask.v1 import coordinator_pb2 as pb
 from edge_client.config import AgentConfig
+from edge_client.energy import open_meter
 from edge_client.sdnotify import Watchdog, notify
 from edge_client.transport import Backoff, connect, fetch_theta, retrying, submit_update
 
@@ -35,17 +35,20 @@ class Agent:
     def __init__(self, config: AgentConfig) -> None:
         self.config = config
         self.stub = connect(config.server)
-        self.backoff = Backoff(cap_s=config.max_backoff_s)
         self.stop = threading.Event()
         self.device_id = ""
         self.working_round = -1
         self.process = psutil.Process()
         self.watchdog = Watchdog()
+        self.backoff = Backoff(cap_s=config.max_backoff_s, on_wait=self.watchdog.ping)
+        e = config.energy
+        self.meter = open_meter(e.meter, rate_hz=e.rate_hz, csv_path=e.csv, **e.options)
 
     # --- the loop -----------------------------------------------------------------------------------
     def run(self) -> int:
         """Serve rounds until the coordinator says training is over (or `stop` is set). Returns 0."""
         self.register()
+        self.meter.start()
         threading.Thread(target=self._heartbeats, name="heartbeat", daemon=True).start()
         self.prepare()
         notify("READY=1")
@@ -83,6 +86,7 @@ class Agent:
             done = task.round
         notify("STOPPING=1")
         self.stop.set()
+        self.meter.close()
         return 0
 
     def next_task(self, done: int) -> pb.Task:
@@ -95,18 +99,24 @@ class Agent:
         """One round: train what the task asks for and upload it."""
         cpu0, started = self._cpu_s(), time.perf_counter()
         log.info("round %d (%s): selected", task.round, pb.Phase.Name(task.phase).lower())
+        self.meter.totals(reset=True)
         if task.phase == pb.HEAD:
             payload, reference_digest, extra = self.train_head(task)
         else:
             payload, reference_digest, extra = self.train_mask(task)
+        # download + train + encode; the upload's own energy cannot travel in the upload: it is logged
+        energy_j = sum(p.joules for p in self.meter.totals().values())
         metrics = pb.Metrics(num_examples=len(self.labels), peak_rss_bytes=_peak_rss_bytes(),
-                             cpu_s=self._cpu_s() - cpu0, **extra)
+                             cpu_s=self._cpu_s() - cpu0, energy_j=energy_j,
+                             energy_meter="" if self.config.energy.meter == "none" else self.config.energy.meter,
+                             **extra)
         header = pb.UpdateHeader(device_id=self.device_id, round=task.round, reference_digest=reference_digest,
                                  metrics=metrics)
-        reply = submit_update(self.stub, header, payload, self.backoff, self.stop)
-        log.info("round %d: uploaded %d bytes (%.4f bpp)%s in %.1f s", task.round, len(payload),
-                 8 * len(payload) / self.d, " (duplicate)" if reply.duplicate else "",
-                 time.perf_counter() - started)
+        with self.meter.phase("upload") as upload:
+            reply = submit_update(self.stub, header, payload, self.backoff, self.stop)
+        log.info("round %d: uploaded %d bytes (%.4f bpp)%s in %.1f s; %.1f J (upload %.2f J)", task.round,
+                 len(payload), 8 * len(payload) / self.d, " (duplicate)" if reply.duplicate else "",
+                 time.perf_counter() - started, energy_j, upload.joules)
 
     # --- set-up -------------------------------------------------------------------------------------
     def register(self) -> None:
@@ -170,10 +180,13 @@ class Agent:
         from deltamask.training import features_of, linear_probe
 
         started = time.perf_counter()
-        self.masks.set_mode(FIXED, np.ones(self.d, dtype=bool))
-        features = features_of(self.net[0], self.inputs)
-        head = linear_probe(features, self.labels, task.num_classes, task.epochs or 20,
-                            seed=sample_seed(task.seed, self.device_id) % 2 ** 31)
+        with self.meter.phase("train"):
+            self.masks.set_mode(FIXED, np.ones(self.d, dtype=bool))
+            features = features_of(self.net[0], self.inputs)
+            self.watchdog.ping()
+            head = linear_probe(features, self.labels, task.num_classes, task.epochs or 20,
+                                seed=sample_seed(task.seed, self.device_id) % 2 ** 31)
+        self.watchdog.ping()
         payload = encode_head(head.weight.detach().numpy(), head.bias.detach().numpy())
         return payload, "", {"train_s": time.perf_counter() - started}
 
@@ -189,7 +202,9 @@ class Agent:
         from deltamask.training import TrainSettings, train_mask
 
         started = time.perf_counter()
-        wire = fetch_theta(self.stub, self.device_id, task.round, 4 * self.d + (1 << 20), self.backoff, self.stop)
+        with self.meter.phase("download"):
+            wire = fetch_theta(self.stub, self.device_id, task.round, 4 * self.d + (1 << 20), self.backoff,
+                               self.stop)
         if theta_digest(wire) != task.theta_digest:
             raise RuntimeError(f"round {task.round}: theta digest differs from the task's")
         thresholds = decode_theta(wire, self.d)
@@ -204,18 +219,22 @@ class Agent:
                                  seed=sample_seed(task.seed, self.device_id) % 2 ** 31)
         bar = _progress(None, self.config.progress, f"round {task.round}", total=settings.epochs * len(self.labels),
                         unit="img")
+
         def progress(images: int) -> None:  # the watchdog is fed batch by batch: a round may take an hour
             self.watchdog.ping()
             if bar is not None:
                 bar.update(images)
 
-        theta_k = train_mask(self.net, self.masks, thresholds_to_theta(thresholds), self.inputs, self.labels,
-                             settings, progress=progress)
+        with self.meter.phase("train"):
+            theta_k = train_mask(self.net, self.masks, thresholds_to_theta(thresholds), self.inputs, self.labels,
+                                 settings, progress=progress)
         if bar is not None:
             bar.close()
         trained = time.perf_counter()
-        upload = client_update(thresholds, theta_k, task.seed, self.device_id, task.kappa, get_codec(task.codec),
-                               task.reference)
+        self.watchdog.ping()
+        with self.meter.phase("encode"):
+            upload = client_update(thresholds, theta_k, task.seed, self.device_id, task.kappa,
+                                   get_codec(task.codec), task.reference)
         extra = {"fetch_s": fetched - started, "train_s": trained - fetched,
                  "encode_s": time.perf_counter() - trained, "delta": upload.delta, "kept": upload.kept}
         return upload.payload, upload.reference_digest, extra

@@ -14,6 +14,7 @@ from typing import List, Optional
 from deltamask.errors import DeltaMaskError
 from deltamask.yamlconfig import ConfigError
 from edge_client.config import load_config
+from edge_client.energy import EnergyError
 
 
 def main(argv: Optional[List[str]] = None) -> int:
@@ -28,7 +29,7 @@ def main(argv: Optional[List[str]] = None) -> int:
         from edge_client.agent import Agent
 
         agent = Agent(config)
-    except (ConfigError, DeltaMaskError, ValueError) as exc:
+    except (ConfigError, DeltaMaskError, ValueError, EnergyError) as exc:
         print(f"deltamask-client: error: {exc}", file=sys.stderr)
         return 2
 

@@ -1,11 +1,11 @@
 """The agent's configuration: one YAML file into frozen dataclasses (see edge_client/example.yaml)."""
 from dataclasses import dataclass, field
-from typing import Optional
+from typing import Any, Dict, Optional
 
 from deltamask.yamlconfig import ConfigError, load_yaml
 
 KINDS = ("rpi4", "jetson-nano", "coral", "laptop", "server")
-METERS = ("none", "rapl")
+METERS = ("none", "rapl", "ina219", "ina3221")  # edge_client.energy.METERS, without importing it here
 
 
 @dataclass(frozen=True)
@@ -32,6 +32,24 @@ class DataConfig:
 
 
 @dataclass(frozen=True)
+class EnergyConfig:
+    """The board's energy meter: joules per phase of every round go into the update (and a CSV)."""
+
+    meter: str = "none"
+    rate_hz: float = 10.0
+    csv: Optional[str] = None
+    # backend options: ina219 {shunt_ohms, max_current_a, address, bus_number}; ina3221 {rails, root};
+    # rapl {domain, root}
+    options: Dict[str, Any] = field(default_factory=dict)
+
+    def check(self) -> None:
+        if self.meter not in METERS:
+            raise ValueError(f"energy.meter must be one of {', '.join(METERS)}, got {self.meter!r}")
+        if self.rate_hz <= 0:
+            raise ValueError(f"energy.rate_hz must be positive, got {self.rate_hz}")
+
+
+@dataclass(frozen=True)
 class AgentConfig:
     name: str
     server: str = "localhost:50051"
@@ -39,7 +57,7 @@ class AgentConfig:
     codec: str = ""  # preferred codec, a hint to the coordinator
     weights: Optional[str] = "default"  # backbone weights: "default" (offline copy, then download) or a file
     cache_dir: str = "~/.cache/deltamask/prefix"  # prefix outputs, computed once per dataset
-    energy: str = "none"
+    energy: EnergyConfig = field(default_factory=EnergyConfig)
     task_wait_s: float = 30.0  # long-poll length
     max_backoff_s: float = 60.0
     progress: bool = True
@@ -51,8 +69,7 @@ class AgentConfig:
             raise ValueError("name must not be empty")
         if self.kind not in KINDS:
             raise ValueError(f"kind must be one of {', '.join(KINDS)}, got {self.kind!r}")
-        if self.energy not in METERS:
-            raise ValueError(f"energy must be one of {', '.join(METERS)}, got {self.energy!r}")
+        self.energy.check()
         self.data.check()
 
 
@@ -60,4 +77,4 @@ def load_config(path) -> AgentConfig:
     return load_yaml(AgentConfig, path)
 
 
-__all__ = ["AgentConfig", "ConfigError", "DataConfig", "load_config"]
+__all__ = ["AgentConfig", "ConfigError", "DataConfig", "EnergyConfig", "load_config"]

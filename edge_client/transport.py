@@ -39,9 +39,11 @@ def connect(address: str) -> rpc.CoordinatorStub:
 class Backoff:
     """Exponential backoff with full jitter: the n-th wait is uniform in [0, min(cap, base * 2^n)]."""
 
-    def __init__(self, base_s: float = 0.5, cap_s: float = 60.0, rng: Optional[random.Random] = None) -> None:
+    def __init__(self, base_s: float = 0.5, cap_s: float = 60.0, rng: Optional[random.Random] = None,
+                 on_wait: Optional[Callable[[], None]] = None) -> None:
         self.base_s, self.cap_s, self.attempt = base_s, cap_s, 0
         self.rng = rng or random.Random()
+        self.on_wait = on_wait  # called before every wait (the agent feeds its watchdog: retrying is not a hang)
 
     def next_wait(self) -> float:
         wait = self.rng.uniform(0, min(self.cap_s, self.base_s * 2 ** self.attempt))
@@ -63,6 +65,8 @@ def retrying(call: Callable[[], T], what: str, backoff: Backoff, stop: Optional[
             if exc.code() not in RETRY:
                 raise
             wait = backoff.next_wait()
+            if backoff.on_wait is not None:
+                backoff.on_wait()
             log.warning("%s: %s (%s); retrying in %.1f s", what, exc.code().name, exc.details(), wait)
             if stop is not None and stop.wait(wait):
                 raise

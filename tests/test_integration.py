@@ -131,6 +131,12 @@ def test_three_clients_three_rounds_match_an_offline_reaggregation(fleet):
     assert all(0 < r["uplink_bpp"] for r in rows) and all(r["downlink_bpp"] > 0 for r in rows[1:])
     assert all("accuracy" not in r for r in rows)  # no evaluation data configured
     state = f.folder / "state"
+    db = sqlite3.connect(state / "coordinator.db")
+    metrics = [json.loads(m) for (m,) in db.execute("SELECT metrics FROM updates WHERE round > 0")]
+    assert len(metrics) == 9
+    for m in metrics:  # what each agent measured and sent with its update (psutil, timings, the codec)
+        assert m["peak_rss_bytes"] > 10 << 20 and m["cpu_s"] > 0 and m["train_s"] > 0 and m["num_examples"] > 0
+        assert m["kept"] > 0 and m["delta"] >= m["kept"] and m["energy_meter"] == "" and m["energy_j"] == 0
     final = decode_theta((state / "theta-4.bin").read_bytes(), D)
     offline = reaggregate(state, f.config)
     assert np.array_equal(final, offline)
