@@ -56,7 +56,7 @@ def train_mask(net: nn.Module, masks: MaskedModule, theta_g: np.ndarray, inputs:
     masks.set_theta(theta_g)
     masks.set_mode(SAMPLE)
     masks.generator.manual_seed(settings.seed)
-    optimizer = torch.optim.Adam(masks.scores(), lr=settings.lr)
+    optimizer = _adam(masks.scores(), settings.lr)
     order = torch.Generator().manual_seed(settings.seed)
     for _ in range(settings.epochs):
         for index in batches(num_rows(inputs), settings.batch_size, order):
@@ -67,6 +67,15 @@ def train_mask(net: nn.Module, masks: MaskedModule, theta_g: np.ndarray, inputs:
             if progress is not None:
                 progress(len(index))
     return masks.theta()
+
+
+def _adam(params, lr: float) -> torch.optim.Optimizer:
+    """Fused Adam: one pass over the d scores per step instead of ~10 (d is 35M for CLIP ViT-B/32). The
+    boards' older torch (< 2.4) has no fused Adam on the CPU: plain Adam there, the same arithmetic."""
+    try:
+        return torch.optim.Adam(params, lr=lr, fused=True)
+    except (RuntimeError, TypeError, ValueError):
+        return torch.optim.Adam(params, lr=lr)
 
 
 @torch.no_grad()

@@ -94,6 +94,26 @@ def test_fedpm_estimator_scales_the_identity_gradient_by_theta():
     assert np.allclose(grads[FEDPM], grads[IDENTITY] * theta, atol=1e-6)
 
 
+
+@pytest.mark.parametrize("estimator", [IDENTITY, FEDPM])
+def test_sampled_mask_is_a_seeded_bernoulli_draw_with_the_straight_through_gradient(estimator):
+    lin = nn.Sequential(nn.Conv2d(2, 3, 2))
+    w, b = lin[0].weight.detach().clone(), lin[0].bias.detach().clone()
+    masks = MaskedModule(lin, estimator=estimator, seed=5)
+    masks.set_theta(np.linspace(0.05, 0.95, masks.d))
+    theta = torch.sigmoid(masks.scores()[0].detach())
+    m = torch.bernoulli(theta, generator=torch.Generator().manual_seed(5))  # the layer's generator, same seed
+    x = torch.randn(4, 2, 5, 5)
+    out = lin(x)
+    weight = (w * m).requires_grad_()
+    reference = F.conv2d(x, weight, b)
+    assert torch.equal(out, reference)
+    grad = torch.randn_like(out)
+    out.backward(grad)
+    reference.backward(grad)
+    expected = weight.grad * w * theta * (1 - theta) * (theta if estimator == FEDPM else 1)
+    assert torch.allclose(masks.scores()[0].grad, expected, atol=1e-6)
+
 LAYOUT_SCRIPT = """
 import torch
 from torch import nn

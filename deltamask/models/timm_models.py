@@ -13,7 +13,10 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import timm  # noqa: E402
 import torch  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
 from timm.layers import global_pool_nlc  # noqa: E402
+from timm.layers.activations import QuickGELU as _TimmQuickGELU  # noqa: E402
+from timm.models.vision_transformer import Attention as _TimmAttention, Block as _TimmBlock  # noqa: E402
 from torch import nn  # noqa: E402
 
 from deltamask.errors import ModelError  # noqa: E402
@@ -30,6 +33,38 @@ TIMM_NAMES = {
     "dinov2_b14": "vit_base_patch14_dinov2.lvd142m",
     "convmixer_768_32": "convmixer_768_32.in1k",
 }
+
+
+class _QuickGELUFn(torch.autograd.Function):
+    """x * sigmoid(1.702 x) with timm's forward bits, one new tensor each way (timm's ops make three
+    forward, four backward, each a pass over a (batch, tokens, 4 * width) tensor): the derivative is
+    silu'(1.702 x), one fused kernel, computed in place."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor) -> torch.Tensor:
+        ctx.save_for_backward(x)  # fc1's output, which timm's autograd keeps too
+        return (x * 1.702).sigmoid_().mul_(x)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> torch.Tensor:
+        (x,) = ctx.saved_tensors
+        a = x * 1.702
+        return torch.ops.aten.silu_backward.grad_input(grad, a, grad_input=a)
+
+
+class QuickGELU(_TimmQuickGELU):
+    """timm's QuickGELU, same forward bits, cheaper backward."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return _QuickGELUFn.apply(x)
+
+
+def _fast_activations(model: nn.Module) -> None:
+    """Swap timm's QuickGELU modules for ours (in place; no parameters, so no layout change)."""
+    for parent in list(model.modules()):
+        for name, child in parent.named_children():
+            if type(child) is _TimmQuickGELU:
+                setattr(parent, name, QuickGELU())
 
 
 class _VitPrefix(_FrozenModes, nn.Module):
@@ -60,9 +95,20 @@ class _VitTail(_FrozenModes, nn.Module):
         self.pool_type = vit.global_pool
         self.num_prefix_tokens = vit.num_prefix_tokens
         self.include_prefix = getattr(vit, "pool_include_prefix", False)
+        # class-token pooling reads one token of the last block: in training its query, attention output
+        # projection and MLP (five sixths of the block's weights) run on that token alone; inference
+        # runs timm's blocks as they are, so features stay bit-identical to timm's
+        last = self.blocks[-1]
+        self.token_only = (self.pool_type == "token" and self.attn_pool is None and type(last) is _TimmBlock
+                           and type(last.attn) is _TimmAttention and getattr(last.attn, "gate", None) is None)
         self._freeze_modes()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.token_only and torch.is_grad_enabled():
+            *first, last = self.blocks
+            for block in first:
+                x = block(x)
+            return self.fc_norm(self.norm(_class_token_block(last, x))[:, 0])
         x = self.norm(self.blocks(x))
         if self.attn_pool is not None:
             x = self.attn_pool(x if self.include_prefix else x[:, self.num_prefix_tokens:])
@@ -70,6 +116,17 @@ class _VitTail(_FrozenModes, nn.Module):
             x = global_pool_nlc(x, pool_type=self.pool_type, num_prefix_tokens=self.num_prefix_tokens,
                                 reduce_include_prefix=self.include_prefix)
         return self.fc_norm(x)
+
+
+def _class_token_block(block: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """timm Block(x)[:, :1] (no attention mask, eval): keys and values from every token, one query."""
+    attn, h = block.attn, block.norm1(x)
+    b, n, _ = h.shape
+    q, k, v = attn.qkv(h).reshape(b, n, 3, attn.num_heads, attn.head_dim).permute(2, 0, 3, 1, 4).unbind(0)
+    o = F.scaled_dot_product_attention(attn.q_norm(q[:, :, :1]), attn.k_norm(k), v, scale=attn.scale)
+    o = attn.proj_drop(attn.proj(attn.norm(o.transpose(1, 2).reshape(b, 1, -1))))
+    x = x[:, :1] + block.drop_path1(block.ls1(o))
+    return x + block.drop_path2(block.ls2(block.mlp(block.norm2(x))))
 
 
 def _load_file(model: nn.Module, name: str, path: Path) -> None:
@@ -121,6 +178,7 @@ def load(name: str, weights: Weights = "default", blocks: int = 5, size: int = 2
     ConvMixer (prefix = stem + blocks[:-blocks]; masked = blocks[-blocks:] + average pool)."""
     path = _weight_file(name, weights)  # a missing file fails before the (slow) build
     model = create_model(name, weights, size)
+    _fast_activations(model)
     _check_blocks(name, blocks, len(model.blocks))
     keep = len(model.blocks) - blocks
     if hasattr(model, "patch_embed"):
