@@ -56,7 +56,7 @@ def main() -> int:
     parser.add_argument("--size", type=int, default=None, help="input side (default: the backbone's)")
     parser.add_argument("--batch-size", type=int, default=64)
     parser.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
-    parser.add_argument("--repeats", type=int, default=2, help="timed epochs per path, alternating (median)")
+    parser.add_argument("--repeats", type=int, default=4, help="timed epochs per path, alternating (median)")
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
