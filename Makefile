@@ -6,13 +6,16 @@ BIN := $(VENV)/bin
 TORCH_SPEC ?= torch==2.14.1 torchvision==0.29.1
 FASHION_MNIST ?= /usr/share/datasets/fashion-mnist
 # The edge environment: what a Python 3.8-3.9 aarch64 board gets (environment.md): grpcio 1.70, protobuf
-# 5.29, no torch. grpcio-tools 1.70.0 there also checks the generated code against proto/.
+# 5.29, and the newest torch for Python 3.9 (2.8.0: from PyPI, with its CUDA libraries on x86_64, ~3 min).
+# Its agents run against the main environment's coordinator. grpcio-tools 1.70.0 there also checks
+# the generated code against proto/.
 PYTHON_EDGE ?= $(firstword $(wildcard $(HOME)/.pyenv/versions/3.9*/bin/python3.9) $(shell command -v python3.9 2>/dev/null))
 EDGE_VENV ?= .venv-edge
-EDGE_SPEC := "grpcio==1.70.0" "grpcio-tools==1.70.0" "protobuf>=5.29,<5.30"
+EDGE_SPEC := "grpcio==1.70.0" "grpcio-tools==1.70.0" "protobuf>=5.29,<5.30" "torch==2.8.0" scikit-learn tqdm
 EDGE_TESTS := tests/test_transfer.py tests/test_config_files.py tests/test_proto.py tests/test_cross_version.py \
 	tests/test_sampling.py tests/test_thetawire.py tests/test_delta.py tests/test_rounds.py \
-	tests/test_aggregation.py tests/codecs tests/test_energy.py
+	tests/test_aggregation.py tests/codecs tests/test_energy.py tests/test_integration.py tests/test_deploy.py \
+	tests/test_masking.py tests/test_training.py tests/test_coordinator.py tests/test_sim.py
 
 .PHONY: test test-edge install data demo bench-codecs bench-thetawire bench-prefix bench-round proto clean
 
@@ -47,7 +50,7 @@ $(EDGE_VENV)/.installed: pyproject.toml Makefile
 	$(EDGE_VENV)/bin/python -m pip install --quiet -e .
 	touch $@
 
-# the agent's wire code and the core under the oldest supported runtime, against this coordinator
+# the agent and the core under the oldest supported runtime, against this coordinator
 test-edge: install $(EDGE_VENV)/.installed
 	$(EDGE_VENV)/bin/python -c "import sys, grpc, google.protobuf as p; print('edge environment: Python', sys.version.split()[0], 'grpcio', grpc.__version__, 'protobuf', p.__version__)"
 	DELTAMASK_SERVER_PYTHON=$(abspath $(BIN)/python) HF_HUB_OFFLINE=1 $(EDGE_VENV)/bin/python -m pytest -q -p no:cacheprovider $(EDGE_TESTS)

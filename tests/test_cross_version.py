@@ -1,6 +1,6 @@
 """The agent's wire code against a coordinator process that may run another Python and other grpcio and
 protobuf versions (`make test` runs this file again in the edge environment: Python 3.9, grpcio 1.70,
-protobuf 5.29, no torch, against the main environment's coordinator)."""
+protobuf 5.29, against the main environment's coordinator). This client needs no torch: the wire alone."""
 import os
 import subprocess
 import sys

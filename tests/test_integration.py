@@ -49,7 +49,10 @@ class Fleet:
         self.clients = []
 
     def start_server(self) -> subprocess.Popen:
-        self.server = self._spawn("server", "server.cli", self.folder / "server.yaml")
+        # the edge environment (Python 3.9, grpcio 1.70) runs its agents against the main environment's
+        # coordinator, as boards do against a newer server
+        python = os.environ.get("DELTAMASK_SERVER_PYTHON", sys.executable)
+        self.server = self._spawn("server", "server.cli", self.folder / "server.yaml", python)
         return self.server
 
     def start_client(self, i: int) -> subprocess.Popen:
@@ -57,9 +60,9 @@ class Fleet:
         self.clients.append(process)
         return process
 
-    def _spawn(self, name: str, module: str, config: Path) -> subprocess.Popen:
+    def _spawn(self, name: str, module: str, config: Path, python: str = sys.executable) -> subprocess.Popen:
         out, err = open(self.folder / f"{name}.out", "ab"), open(self.folder / f"{name}.err", "ab")
-        return subprocess.Popen([sys.executable, "-m", module, "--config", str(config)], cwd=ROOT, env=self.env,
+        return subprocess.Popen([python, "-m", module, "--config", str(config)], cwd=ROOT, env=self.env,
                                 stdout=out, stderr=err)
 
     def log(self, name: str) -> str:
