@@ -36,7 +36,6 @@ from server.store import Store
 
 log = logging.getLogger(__name__)
 HEAD, MASK, IDLE, DONE = "head", "mask", "idle", "done"
-KINDS = ("rpi4", "jetson-nano", "coral", "laptop", "server", "unspecified")
 
 
 class CoordinatorError(Exception):
