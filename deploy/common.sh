@@ -358,3 +358,14 @@ dm_main() {
     fi
     dm_board_install
 }
+
+# Jetson Nano and Coral (Python 3.6 / 3.7 of their own): the agent in a container, or in a venv on a
+# newer Python built or named by the route
+dm_container_or_venv_install() {
+    dm_check_arch
+    if [ "$CONTAINER" = 1 ]; then
+        dm_container_install
+    else
+        dm_venv_install build-essential libffi-dev i2c-tools ca-certificates
+    fi
+}

@@ -49,12 +49,7 @@ dm_board_route() {
 }
 
 dm_board_install() {
-    dm_check_arch
-    if [ "$CONTAINER" = 1 ]; then
-        dm_container_install
-    else
-        dm_venv_install build-essential libffi-dev i2c-tools ca-certificates
-    fi
+    dm_container_or_venv_install
 }
 
 ROUTE_PYTHON="" ROUTE_TORCH="" ROUTE_PYFUSEFILTER=""
