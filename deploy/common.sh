@@ -369,3 +369,15 @@ dm_container_or_venv_install() {
         dm_venv_install build-essential libffi-dev i2c-tools ca-certificates
     fi
 }
+
+# Their scripts define dm_board_route (which route the options pick) and end in dm_main_routed.
+dm_board_install() {
+    dm_container_or_venv_install
+}
+
+dm_main_routed() {
+    ROUTE_PYTHON="" ROUTE_TORCH="" ROUTE_PYFUSEFILTER=""
+    dm_parse_args "$@"   # (again in dm_main) to pick the route before printing it
+    dm_board_route
+    dm_main "$@"
+}

@@ -48,11 +48,4 @@ dm_board_route() {
     fi
 }
 
-dm_board_install() {
-    dm_container_or_venv_install
-}
-
-ROUTE_PYTHON="" ROUTE_TORCH="" ROUTE_PYFUSEFILTER=""
-dm_parse_args "$@"   # (again in dm_main) to pick the route before printing it
-dm_board_route
-dm_main "$@"
+dm_main_routed "$@"
