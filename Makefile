@@ -2,10 +2,10 @@
 PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
-# torch and torchvision versions that import together on this kind of machine (environment.md)
+# torch and torchvision versions that import together on this kind of machine (docs/design.md section 6.1)
 TORCH_SPEC ?= torch==2.14.1 torchvision==0.29.1
 FASHION_MNIST ?= /usr/share/datasets/fashion-mnist
-# The edge environment: what a Python 3.8-3.9 aarch64 board gets (environment.md): grpcio 1.70, protobuf
+# The edge environment: what a Python 3.8-3.9 aarch64 board gets (docs/design.md section 6.4): grpcio 1.70, protobuf
 # 5.29, and the newest torch for Python 3.9 (2.8.0: from PyPI, with its CUDA libraries on x86_64, ~3 min).
 # Its agents run against the main environment's coordinator. grpcio-tools 1.70.0 there also checks
 # the generated code against proto/.

@@ -33,7 +33,7 @@ RUNS = {
     "deltamask-exact": dict(codec="exact", reference="per-client"),
     "shared": dict(codec="bfuse8", reference="shared"),
     "fedpm": dict(codec="rawmask", reference="per-client"),
-    # ablations of what the paper leaves open (DESIGN.md section 1); run them with --runs
+    # ablations of what the paper leaves open (docs/design.md sections 3.3-3.4); run them with --runs
     "estimator-fedpm": dict(codec="bfuse8", reference="per-client", estimator="fedpm"),
     "theta0-0.9": dict(codec="bfuse8", reference="per-client", theta0=0.9),
     "mean-formula": dict(codec="bfuse8", reference="per-client", theta_formula="mean"),

@@ -77,7 +77,7 @@ def theta_from_counts(ones: np.ndarray, masks: int, lambda0: float = 1.0, formul
     mean alpha/(alpha+beta), clipped to [0, 1].
 
     Why the mode: with the prior reset every round, the mean stays inside [1/(K+2), (K+1)/(K+2)], so no
-    position can ever become decided, and training collapsed in our runs (DESIGN.md section 3); with
+    position can ever become decided, and training collapsed in our runs (docs/design.md section 3.3); with
     lambda0 = 1 the mode is the fraction of clients with a 1. Where the mode is undefined (no mask since
     the reset and lambda0 = 1), theta stays `previous`.
     """

@@ -84,7 +84,7 @@ def reference_seed(round_seed: int, client_id: str, mode: str = PER_CLIENT) -> i
     """The seed of the reference mask a client's delta is taken against.
 
     per-client (default): the client's own seed, so the reference and the client's sample share their
-    uniforms and differ only where theta moved (DESIGN.md section 3); shared: the round seed, the same
+    uniforms and differ only where theta moved (docs/design.md section 3.2); shared: the round seed, the same
     reference for everybody as in the paper.
     """
     if mode == PER_CLIENT:

@@ -79,7 +79,7 @@ def test_reference_modes():
 
 
 def test_per_client_reference_couples_the_client_sample_to_its_reference():
-    """Same uniforms: the masks differ only where theta moved (DESIGN.md section 3)."""
+    """Same uniforms: the masks differ only where theta moved (docs/design.md section 3.2)."""
     d = 100_000
     rng = np.random.default_rng(3)
     theta_g = np.full(d, 0.5)

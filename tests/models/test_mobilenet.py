@@ -37,8 +37,8 @@ def test_features_equal_torchvision_pooled_features_and_logits():
 
 def test_last_five_blocks_hold_the_design_d():
     bb = load_backbone("mobilenet_v2")
-    assert masked_weight_count(bb) == 1_663_360  # DESIGN.md: conv weights of features[14:19]
-    assert sum(p.numel() for p in bb.masked.parameters()) == 1_681_344  # environment.md: with BatchNorm
+    assert masked_weight_count(bb) == 1_663_360  # docs/design.md section 6.2: conv weights of features[14:19]
+    assert sum(p.numel() for p in bb.masked.parameters()) == 1_681_344  # docs/design.md section 6.2: with BatchNorm
     assert (len(bb.prefix), bb.preprocessing.size, bb.feature_dim) == (14, 224, 1280)
     assert masked_weight_count(load_backbone("mobilenet_v2", blocks=1)) == 320 * 1280
 

@@ -11,7 +11,7 @@ from deltamask.errors import DeltaMaskError, ModelError  # noqa: E402
 from deltamask.models import BACKBONES, Backbone, load_backbone, masked_weight_count  # noqa: E402
 
 # d = Linear/Conv weights of the last 5 blocks (what deltamask.masking masks), measured here;
-# environment.md's figures (all but ViT-L/14) count every parameter of those 5 blocks (biases, norms,
+# docs/design.md section 6.2's second column counts every parameter of those 5 blocks (biases, norms,
 # LayerScale too).
 D_LAST_5 = {
     "clip_vit_b32": (35_389_440, 35_439_360),

@@ -52,7 +52,7 @@ def test_prefix_returns_hidden_states_and_mask_and_masked_counts_five_layers(min
     assert hidden.shape == (*tokens["input_ids"].shape, 384) and torch.equal(mask, tokens["attention_mask"])
     per_layer = 4 * 384 * 384 + 2 * 384 * 1536  # q, k, v, attention output; intermediate, output
     assert masked_weight_count(minilm) == 5 * per_layer == 8_847_360
-    assert sum(p.numel() for p in minilm.masked.parameters()) == 5 * 1_774_464  # environment.md, with biases
+    assert sum(p.numel() for p in minilm.masked.parameters()) == 5 * 1_774_464  # docs/design.md section 6.2, with biases
     assert len(minilm.prefix.layers) == 1 and minilm.preprocessing.kind == "text"
 
 
