@@ -26,7 +26,7 @@ try:
 except ImportError:
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from deltamask.sim import SimConfig, run
+from deltamask.learn.sim import SimConfig, run
 
 RUNS = {
     "deltamask": dict(codec="bfuse8", reference="per-client"),

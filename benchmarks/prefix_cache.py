@@ -29,10 +29,11 @@ try:
 except ImportError:
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from deltamask.masking import EXPECTED, MaskedModule
-from deltamask.models import load_backbone
-from deltamask.prefix_cache import run_prefix
-from deltamask.training import TrainSettings, batches, train_mask
+from deltamask.learn.masking import EXPECTED, MaskedModule
+from deltamask.learn.models import load_backbone
+from deltamask.learn.prefix_cache import run_prefix
+from deltamask.federation import LocalTraining
+from deltamask.learn.training import batches, train_mask
 
 
 class Uncached(nn.Module):
@@ -69,7 +70,7 @@ def main() -> int:
     masks = MaskedModule(backbone.masked, theta0=0.99)
     rest = nn.Sequential(backbone.masked, head)
     theta0 = np.full(masks.d, 0.99, dtype=np.float32)
-    settings = TrainSettings(epochs=1, batch_size=args.batch_size, lr=0.1, seed=0)
+    settings = LocalTraining(epochs=1, batch_size=args.batch_size, lr=0.1)
 
     started = time.perf_counter()
     cached = run_prefix(backbone, torch.split(x, args.batch_size))

@@ -2,9 +2,9 @@
 
     Agent(load_config("client.yaml")).run()
 
-The learning is the core library's: `deltamask.training.train_mask` (the same function the simulator
-runs), `deltamask.rounds.client_update` (reference mask -> own sample -> delta -> KL rank -> encode).
-This module only moves bytes and keeps the device alive: heartbeats from a background thread,
+The learning is the core library's local learner (`deltamask.learn.learner.LocalLearner`, the one the
+simulator runs: the head share, or train -> reference mask -> own sample -> delta -> KL rank -> encode),
+seeded by this device's enrolled name. This module only moves bytes and keeps the device alive: heartbeats from a background thread,
 reconnects with backoff, a resumable theta download, psutil figures in every update.
 """
 import logging
@@ -16,9 +16,9 @@ import time
 from pathlib import Path
 
 import grpc
-import numpy as np
 import psutil
 
+from deltamask.errors import PayloadError
 from deltamask.v1 import coordinator_pb2 as pb
 from edge_client.config import AgentConfig
 from edge_client.energy import open_meter
@@ -77,6 +77,10 @@ class Agent:
             self.working_round = task.round
             try:
                 self.serve(task)
+            except RoundSkipped as exc:
+                log.warning("%s", exc)
+            except PayloadError as exc:  # a task whose head does not decode: this round only
+                log.warning("round %d skipped: %s", task.round, exc)
             except grpc.RpcError as exc:
                 if exc.code() == grpc.StatusCode.UNAUTHENTICATED:  # the coordinator forgot us: register again
                     log.warning("round %d: %s; registering again", task.round, exc.details())
@@ -100,13 +104,10 @@ class Agent:
         cpu0, started = self._cpu_s(), time.perf_counter()
         log.info("round %d (%s): selected", task.round, pb.Phase.Name(task.phase).lower())
         self.meter.totals(reset=True)
-        if task.phase == pb.HEAD:
-            payload, reference_digest, extra = self.train_head(task)
-        else:
-            payload, reference_digest, extra = self.train_mask(task)
+        payload, reference_digest, extra = self.work(task)
         # download + train + encode; the upload's own energy cannot travel in the upload: it is logged
         energy_j = sum(p.joules for p in self.meter.totals().values())
-        metrics = pb.Metrics(num_examples=len(self.labels), peak_rss_bytes=_peak_rss_bytes(),
+        metrics = pb.Metrics(num_examples=self.examples, peak_rss_bytes=_peak_rss_bytes(),
                              cpu_s=self._cpu_s() - cpu0, energy_j=energy_j,
                              energy_meter="" if self.config.energy.meter == "none" else self.config.energy.meter,
                              **extra)
@@ -130,114 +131,82 @@ class Agent:
 
     def prepare(self) -> None:
         """Build the backbone the coordinator names, check the layout, and run the prefix over local data once."""
-        import torch
-        from torch import nn
-
-        from deltamask import prefix_cache
-        from deltamask.data import dirichlet_partition, load_dataset, prepare_images
+        from deltamask.data import device_share, load_dataset
         from deltamask.errors import ModelError
-        from deltamask.masking import MaskedModule
-        from deltamask.models import load_backbone
+        from deltamask.learn import prefix_cache
+        from deltamask.learn.learner import LocalLearner, Model
 
         reg, c = self.registration, self.config
-        backbone = load_backbone(reg.backbone, weights=c.weights, blocks=reg.blocks, size=reg.image_size)
-        self.masks = MaskedModule(backbone.masked)
-        self.d = self.masks.d
-        if self.d != reg.d or self.masks.layout_digest() != reg.layout_digest:
-            raise ModelError(f"{reg.backbone} here masks d = {self.d} weights (layout {self.masks.layout_digest()[:12]}),"
+        model = Model(reg.backbone, c.weights, reg.blocks, reg.image_size, reg.num_classes)
+        self.d = model.d
+        if self.d != reg.d or model.masks.layout_digest() != reg.layout_digest:
+            raise ModelError(f"{reg.backbone} here masks d = {self.d} weights (layout {model.masks.layout_digest()[:12]}),"
                              f" the coordinator d = {reg.d} (layout {reg.layout_digest[:12]}): versions differ")
-        self.head = nn.Linear(backbone.feature_dim, reg.num_classes)
-        self.net = nn.Sequential(backbone.masked, self.head)
-        data = load_dataset(c.data.dataset, "train", c.data.root)
-        images, labels = data.images, data.labels
-        if 0 < c.data.samples < len(labels):
-            index = np.sort(np.random.default_rng(c.data.seed).permutation(len(labels))[:c.data.samples])
-            images, labels = images[index], labels[index]
-        if c.data.clients > 1:
-            part = dirichlet_partition(labels, c.data.clients, c.data.alpha, c.data.min_per_client,
-                                       seed=c.data.seed)[c.data.index]
-            images, labels = images[part], labels[part]
+        data, s = load_dataset(c.data.dataset, "train", c.data.root), c.data
+        share = device_share(data.labels, s.samples, s.clients, s.index, s.alpha, s.min_per_client, s.seed)
+        images, labels = data.images[share], data.labels[share]
         folder = Path(os.path.expanduser(c.cache_dir))
-        key = prefix_cache.cache_key(backbone, images, f"{reg.image_size}")
+        key = prefix_cache.cache_key(model.backbone, images, f"{reg.image_size}")
         inputs = prefix_cache.load(folder, key)
         if inputs is None:
             started = time.perf_counter()
-            pre = backbone.preprocessing
-            tensor = prepare_images(images, reg.image_size, pre.channels, pre.mean, pre.std)
-            batches = _progress(torch.split(tensor, 256), c.progress, "prefix", unit="batch")
-            inputs = prefix_cache.run_prefix(backbone, batches)
+            inputs = model.prefix(images, lambda batches: _progress(batches, c.progress, "prefix", unit="batch"))
             prefix_cache.save(inputs, folder, key)
             log.info("prefix outputs of %d images computed in %.1f s", len(labels), time.perf_counter() - started)
-        self.inputs, self.labels = inputs, torch.as_tensor(labels)
+        self.learner = LocalLearner(model, inputs, labels)
+        self.examples = len(labels)
         log.info("%s ready: d = %d, %d local examples", reg.backbone, self.d, len(labels))
 
     # --- rounds -------------------------------------------------------------------------------------
-    def train_head(self, task: pb.Task):
-        """The linear-probing round: fit a head on the frozen, unmasked backbone's features."""
-        from deltamask.headwire import encode_head
-        from deltamask.masking import FIXED
-        from deltamask.sampling import sample_seed
-        from deltamask.training import features_of, linear_probe
-
-        started = time.perf_counter()
-        with self.meter.phase("train"):
-            self.masks.set_mode(FIXED, np.ones(self.d, dtype=bool))
-            features = features_of(self.net[0], self.inputs)
-            self.watchdog.ping()
-            head = linear_probe(features, self.labels, task.num_classes, task.epochs or 20,
-                                seed=sample_seed(task.seed, self.device_id) % 2 ** 31)
-        self.watchdog.ping()
-        payload = encode_head(head.weight.detach().numpy(), head.bias.detach().numpy())
-        return payload, "", {"train_s": time.perf_counter() - started}
-
-    def train_mask(self, task: pb.Task):
-        """A DeltaMask round: theta -> local training -> the KL-ranked delta, encoded."""
-        import torch
-
-        from deltamask.codecs import get_codec
+    def work(self, task: pb.Task):
+        """One round's work with the core's local learner: the head share, or theta -> train -> encode."""
         from deltamask.headwire import decode_head
-        from deltamask.rounds import client_update
-        from deltamask.sampling import sample_seed, thresholds_to_theta
-        from deltamask.thetawire import decode_theta, theta_digest
-        from deltamask.training import TrainSettings, train_mask
+        from deltamask.thetawire import decode_theta
 
+        work = _device_task(task)
+        head = decode_head(task.head, task.num_classes, task.feature_dim) if task.head else None
         started = time.perf_counter()
-        with self.meter.phase("download"):
-            wire = fetch_theta(self.stub, self.device_id, task.round, 4 * self.d + (1 << 20), self.backoff,
-                               self.stop)
-        if theta_digest(wire) != task.theta_digest:
-            raise RuntimeError(f"round {task.round}: theta digest differs from the task's")
-        thresholds = decode_theta(wire, self.d)
-        weight, bias = decode_head(task.head, task.num_classes, task.feature_dim)
-        with torch.no_grad():
-            self.head.weight.copy_(torch.from_numpy(weight))
-            self.head.bias.copy_(torch.from_numpy(bias))
-        for p in self.head.parameters():
-            p.requires_grad_(False)
+        thresholds = None
+        if task.phase == pb.MASK:
+            with self.meter.phase("download"):
+                wire = self.fetch_theta(task)
+            thresholds = decode_theta(wire, self.d)
         fetched = time.perf_counter()
-        settings = TrainSettings(task.epochs or 1, task.batch_size or 64, task.lr or 0.1,
-                                 seed=sample_seed(task.seed, self.device_id) % 2 ** 31)
-        bar = _progress(None, self.config.progress, f"round {task.round}", total=settings.epochs * len(self.labels),
-                        unit="img")
+        bar = _progress(None, self.config.progress, f"round {task.round}",
+                        total=work.local.epochs * self.examples, unit="img") if task.phase == pb.MASK else None
 
         def progress(images: int) -> None:  # the watchdog is fed batch by batch: a round may take an hour
             self.watchdog.ping()
             if bar is not None:
                 bar.update(images)
 
+        self.watchdog.ping()
         with self.meter.phase("train"):
-            theta_k = train_mask(self.net, self.masks, thresholds_to_theta(thresholds), self.inputs, self.labels,
-                                 settings, progress=progress)
+            reply = self.learner.work(work, self.config.name, head, thresholds, progress)
         if bar is not None:
             bar.close()
-        trained = time.perf_counter()
         self.watchdog.ping()
-        with self.meter.phase("encode"):
-            upload = client_update(thresholds, theta_k, task.seed, self.device_id, task.kappa,
-                                   get_codec(task.codec), task.reference)
-        extra = {"fetch_s": fetched - started, "train_s": trained - fetched,
-                 "encode_s": time.perf_counter() - trained, "delta": upload.delta, "kept": upload.kept}
-        return upload.payload, upload.reference_digest, extra
+        extra = {"fetch_s": fetched - started, "train_s": time.perf_counter() - fetched, "delta": reply.delta,
+                 "kept": reply.kept}
+        return reply.payload, reply.reference_digest, extra
+
+    def fetch_theta(self, task: pb.Task, attempts: int = 3) -> bytes:
+        """The round's theta, whole and with the digest the task names; a corrupt transfer or a digest that
+        differs is fetched again, then the round is given up (RoundSkipped), never the agent."""
+        from deltamask.thetawire import theta_digest
+
+        for attempt in range(1, attempts + 1):
+            try:
+                wire = fetch_theta(self.stub, self.device_id, task.round, 4 * self.d + (1 << 20), self.backoff,
+                                   self.stop)
+            except PayloadError as exc:
+                log.warning("round %d: theta transfer %d of %d is corrupt (%s)", task.round, attempt, attempts, exc)
+                continue
+            if theta_digest(wire) == task.theta_digest:
+                return wire
+            log.warning("round %d: theta digest %s differs from the task's %s (try %d of %d)", task.round,
+                        theta_digest(wire)[:12], task.theta_digest[:12], attempt, attempts)
+        raise RoundSkipped(f"round {task.round}: no intact theta after {attempts} tries; skipping the round")
 
     # --- background ---------------------------------------------------------------------------------
     def _heartbeats(self) -> None:
@@ -252,6 +221,26 @@ class Agent:
     def _cpu_s(self) -> float:
         t = self.process.cpu_times()
         return t.user + t.system
+
+
+class RoundSkipped(Exception):
+    """This round cannot be served (no intact theta, a task this agent cannot run); wait for the next."""
+
+
+def _device_task(task: pb.Task):
+    """The core's DeviceTask from the gRPC Task (the coordinator's policy, as it sent it)."""
+    from deltamask.federation import DeviceTask, LocalTraining
+
+    head = task.phase == pb.HEAD
+    try:
+        local = LocalTraining(epochs=1 if head else task.epochs, batch_size=task.batch_size,
+                              lr=task.lr, loss=task.loss, head_epochs=task.epochs if head else 1,
+                              head_lr=task.lr)
+        local.check()
+    except ValueError as exc:
+        raise RoundSkipped(f"round {task.round}: the task cannot be run: {exc}") from None
+    return DeviceTask("head" if head else "mask", task.round, task.seed, task.kappa, task.codec, task.reference,
+                      task.head_kind, task.lda_covariance, local)
 
 
 def _peak_rss_bytes() -> int:

@@ -1,21 +1,12 @@
-"""The coordinator's configuration: one YAML file into frozen dataclasses (see server/example.yaml)."""
-from dataclasses import dataclass, field
+"""The coordinator's configuration: one YAML file into frozen dataclasses (see server/example.yaml).
+
+The round policy's keys (rounds, rho, head, codec, kappa, theta0, local training, ...) and their defaults
+are `deltamask.federation.Policy`'s, the same the simulator runs; this file adds the server's own."""
+from dataclasses import dataclass
 from typing import Optional
 
-from deltamask.aggregation import MEAN, MODE
-from deltamask.codecs import CODECS
-from deltamask.sampling import PER_CLIENT, SHARED
+from deltamask.federation import LocalTraining, Policy
 from deltamask.yamlconfig import ConfigError, load_yaml
-
-
-@dataclass(frozen=True)
-class LocalTraining:
-    """What selected clients run each round (paper C.1: 1 epoch, batch 64, Adam lr 0.1)."""
-
-    epochs: int = 1
-    batch_size: int = 64
-    lr: float = 0.1
-    head_epochs: int = 20  # linear-probing epochs in the head round
 
 
 @dataclass(frozen=True)
@@ -29,7 +20,7 @@ class Evaluation:
 
 
 @dataclass(frozen=True)
-class ServerConfig:
+class ServerConfig(Policy):
     listen: str = "[::]:50051"
     state_dir: str = "deltamask-state"
     # the model every client masks; d is counted from it (or given, to run without the model)
@@ -39,43 +30,21 @@ class ServerConfig:
     image_size: int = 64
     d: Optional[int] = None
     num_classes: int = 10
-    # the federation
     expected_clients: int = 3  # devices to wait for before the first round
-    min_quorum: int = 1  # updates a round needs to count at its deadline
-    rho: float = 1.0  # fraction of online devices sampled each round
-    rounds: int = 5  # mask rounds, after the linear-probing round
     round_deadline_s: float = 600.0
-    heartbeat_interval_s: float = 10.0  # a device missing two heartbeats is offline
-    codec: str = "bfuse8"
-    kappa_start: float = 0.8
-    kappa_end: float = 1.0
-    reference: str = PER_CLIENT
-    theta_formula: str = MODE
-    theta0: float = 0.99
-    lambda0: float = 1.0
-    max_upload_bytes: int = 0  # 0: d/8 + 1 MiB, enough for a raw mask
-    seed: int = 0
+    heartbeat_interval_s: float = 10.0  # a device missing two is offline
+    max_upload_bytes: int = 0  # 0: the larger of d/8 (a raw mask) and a head share, plus 1 MiB
     exit_when_done: bool = False  # stop serving after the last round (demo, tests)
-    local: LocalTraining = field(default_factory=LocalTraining)
     evaluation: Optional[Evaluation] = None
 
     def check(self) -> None:
+        super().check()
         if self.backbone is None and self.d is None:
             raise ValueError("give backbone or d")
-        if self.codec not in CODECS:
-            raise ValueError(f"codec {self.codec!r} is not one of {', '.join(CODECS)}")
-        if self.reference not in (PER_CLIENT, SHARED):
-            raise ValueError(f"reference must be {PER_CLIENT!r} or {SHARED!r}, got {self.reference!r}")
-        if self.theta_formula not in (MODE, MEAN):
-            raise ValueError(f"theta_formula must be {MODE!r} or {MEAN!r}, got {self.theta_formula!r}")
-        if not 0 < self.rho <= 1:
-            raise ValueError(f"rho must lie in (0, 1], got {self.rho}")
-        if not 0 < self.theta0 < 1:
-            raise ValueError(f"theta0 must lie in (0, 1), got {self.theta0}")
-        for key in ("expected_clients", "min_quorum", "rounds", "num_classes"):
+        for key in ("expected_clients", "num_classes"):
             if getattr(self, key) < 1:
                 raise ValueError(f"{key} must be at least 1, got {getattr(self, key)}")
-        for key in ("round_deadline_s", "heartbeat_interval_s", "lambda0"):
+        for key in ("round_deadline_s", "heartbeat_interval_s"):
             if getattr(self, key) <= 0:
                 raise ValueError(f"{key} must be positive, got {getattr(self, key)}")
 

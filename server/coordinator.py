@@ -9,8 +9,10 @@ One round, as the coordinator sees it:
              updates: counts -> theta -> wire bytes -> persist -> next round. Below quorum at the
              deadline the round is skipped: the counts go back to what they were, theta stays.
 
-The arithmetic is the core library's (`deltamask.rounds`, `deltamask.aggregation`, `deltamask.thetawire`);
-this module decides who, when and what is kept. All state changes happen under one condition variable;
+The round policy and the arithmetic are the core library's, the same the simulator runs: whom to ask
+(`deltamask.federation.plan_round`, over the devices' enrolled names), how to combine the replies
+(`deltamask.federation.Aggregator`: the head phase, Beta counts, theta), how to rebuild a mask
+(`deltamask.rounds`). This module keeps persistence, locking, deadlines and liveness around them. All state changes happen under one condition variable;
 decoding runs outside it so that uploads decode in parallel. The gRPC layer is `server.service`.
 """
 import logging
@@ -22,20 +24,19 @@ from typing import Callable, Dict, List, Optional, Set, Tuple
 
 import numpy as np
 
-from deltamask.aggregation import BetaCounts, reset_due
 from deltamask.codecs import decode as decode_payload
-from deltamask.delta import cosine_kappa
 from deltamask.errors import PayloadError
+from deltamask.federation import (HEAD, MASK, Aggregator, DeviceTask, Head, device_task, eval_seed, head_bits,
+                                  plan_round)
 from deltamask.headwire import decode_head, encode_head
 from deltamask.rounds import rebuild_client_mask
-from deltamask.sampling import round_seed, theta_to_thresholds
-from deltamask.thetawire import decode_theta, encode_theta, theta_digest
+from deltamask.thetawire import decode_theta, theta_digest
 from deltamask.transfer import sha256_hex
 from server.config import ServerConfig
 from server.store import Store
 
 log = logging.getLogger(__name__)
-HEAD, MASK, IDLE, DONE = "head", "mask", "idle", "done"
+IDLE, DONE = "idle", "done"
 
 
 class CoordinatorError(Exception):
@@ -84,16 +85,15 @@ class Device:
 
 @dataclass(frozen=True)
 class Task:
+    """A device's answer to its long poll: IDLE, DONE, or the round's work (`work`, the core's DeviceTask)."""
+
     phase: str
     round: int = 0
-    seed: int = 0
-    kappa: float = 0.0
-    codec: str = ""
-    reference: str = ""
+    work: Optional[DeviceTask] = None
     deadline: float = 0.0
     theta_digest: str = ""
     theta_bytes: int = 0
-    head: bytes = b""
+    head: bytes = b""  # the current head (wire bytes): frozen in mask rounds, the start of a linear probe
 
 
 @dataclass
@@ -110,8 +110,9 @@ class OpenRound:
     nbytes: Dict[str, int] = field(default_factory=dict)
     metrics: Dict[str, Dict] = field(default_factory=dict)
     decode_s: Dict[str, float] = field(default_factory=dict)
-    heads: List[Tuple[Tuple[np.ndarray, np.ndarray], float]] = field(default_factory=list)  # ((w, b), examples)
+    shares: Dict[str, Tuple[object, float]] = field(default_factory=dict)  # head rounds: name -> (share, examples)
     last_upload: float = 0.0
+    task: Optional[DeviceTask] = None
 
 
 class Coordinator:
@@ -122,14 +123,16 @@ class Coordinator:
         self.config, self.facts, self.store, self.clock = config, facts, store, clock
         self.evaluate, self.on_round = evaluate, on_round
         self.d = facts.d
-        self.max_upload_bytes = config.max_upload_bytes or (self.d // 8 + (1 << 20))
+        share = head_bits(config, config.num_classes, facts.feature_dim) // 8
+        self.max_upload_bytes = config.max_upload_bytes or max(self.d // 8, share) + (1 << 20)
         self.cond = threading.Condition()
         self.devices: Dict[str, Device] = {}
-        self.counts = BetaCounts(self.d, config.lambda0)
+        self.agg = Aggregator(config, self.d, config.num_classes, facts.feature_dim)
+        self.counts = self.agg.counts
         self.open: Optional[OpenRound] = None
         self.closed_rounds = -1  # the last closed (or skipped) round
+        self.head_rounds = 0  # head rounds closed
         self.mask_rounds = 0  # mask rounds closed
-        self.head: Optional[bytes] = None  # the averaged head, as on the wire (deltamask.headwire)
         self.history: List[Dict] = []
         self.done = threading.Event()
         self.told_done: Set[str] = set()
@@ -149,12 +152,15 @@ class Coordinator:
                                  f"use another state_dir")
         for row in s.devices():
             self.devices[row["device_id"]] = Device(**row)
-        self.head = s.load_head()
+        head = s.load_head()
+        if head is not None:
+            self.agg.head = self._decode_head(head)
         rows = s.rounds()
         finished = [r for r in rows if r["state"] != "open"]
         self.history = [r["summary"] for r in finished if r["summary"]]
         if finished:
             self.closed_rounds = finished[-1]["round"]
+            self.head_rounds = sum(1 for r in finished if r["phase"] == HEAD and r["state"] == "closed")
             self.mask_rounds = sum(1 for r in finished if r["phase"] == MASK and r["state"] == "closed")
             ones = s.load_counts(self.closed_rounds)
             if ones is not None:
@@ -166,9 +172,9 @@ class Coordinator:
         except FileNotFoundError:
             if finished:
                 raise
-            self.wire = encode_theta(theta_to_thresholds(np.full(self.d, self.config.theta0)))
+            self.wire = self.agg.theta_wire()
             s.save_theta(0, self.wire)
-        self.thresholds = decode_theta(self.wire, self.d)
+        self.thresholds = self.agg.thresholds = decode_theta(self.wire, self.d)
         self.theta_digest = theta_digest(self.wire)
         opened = [r for r in rows if r["state"] == "open"]
         if opened:
@@ -181,6 +187,7 @@ class Coordinator:
     def _replay(self, row: Dict) -> None:
         r = OpenRound(row["round"], row["phase"], row["seed"], row["kappa"], row["selected"], row["deadline"],
                       row["mask_index"], bool(row["reset"]))
+        r.task = self._work(r)
         if r.reset:
             self.counts.reset()
         for u in self.store.updates(r.round):
@@ -305,7 +312,7 @@ class Coordinator:
             if set(r.selected) <= set(r.received) or self.clock() >= r.deadline:
                 summary = self._close(r)
         if summary is not None:
-            self._finish(summary)
+            self._finish(summary, r.seed)
 
     def run(self, poll_s: float = 0.2) -> None:
         """Step until done or stopped (the coordinator's background thread)."""
@@ -321,22 +328,22 @@ class Coordinator:
             self.cond.notify_all()
 
     def _open(self, online: List[str]) -> None:
+        """Open the next round as the policy plans it, over the online devices' names."""
         c = self.config
-        index = self.closed_rounds + 1
-        seed = round_seed(c.seed, index)
-        k = min(len(online), max(c.min_quorum, int(round(c.rho * len(online)))))
-        selected = sorted(np.random.default_rng(seed).choice(sorted(online), size=k, replace=False).tolist())
-        phase = MASK if self.head is not None else HEAD
-        reset = phase == MASK and reset_due(self.mask_rounds, c.rho)
-        kappa = cosine_kappa(self.mask_rounds, c.rounds, c.kappa_start, c.kappa_end) if phase == MASK else 0.0
-        r = OpenRound(index, phase, seed, kappa, selected, self.clock() + c.round_deadline_s, self.mask_rounds,
-                      reset)
+        by_name = {self.devices[i].name: i for i in online}
+        plan = plan_round(c, self.closed_rounds + 1, self.head_rounds, self.mask_rounds, list(by_name))
+        if plan is None:
+            self.done.set()
+            return
+        selected = [by_name[name] for name in plan.selected]
+        r = OpenRound(plan.index, plan.phase, plan.seed, plan.kappa, selected, self.clock() + c.round_deadline_s,
+                      plan.mask_round, plan.reset, task=device_task(c, plan))
         self.store.open_round(vars(r))
-        if reset:
-            self.counts.reset()
+        if plan.phase == MASK:
+            self.agg.open_mask(plan)
         self.open = r
-        log.info("round %d (%s) open: %d of %d online devices selected, deadline in %.0f s", index, phase, k,
-                 len(online), c.round_deadline_s)
+        log.info("round %d (%s) open: %d of %d online devices selected, deadline in %.0f s", plan.index,
+                 plan.phase, len(selected), len(online), c.round_deadline_s)
         self.cond.notify_all()
 
     def _close(self, r: OpenRound) -> Dict:
@@ -347,11 +354,12 @@ class Coordinator:
         state = "closed" if len(r.received) >= quorum else "skipped"
         wire, thresholds = self.wire, self.thresholds
         if state == "closed" and r.phase == HEAD:
-            self.head = _average_heads(r.heads)
-            self.store.save_head(self.head)
+            self.store.save_head(encode_head(*self.agg.close_head(r.shares)))
+            self.head_rounds += 1
         elif state == "closed":
-            thresholds = self.counts.thresholds(c.theta_formula, previous=self.thresholds)
-            wire = encode_theta(thresholds)
+            self.agg.thresholds = self.thresholds
+            thresholds = self.agg.close_mask()
+            wire = self.agg.theta_wire()
             self.mask_rounds += 1
         else:  # skipped: the counts go back to what they were when the round opened
             self._restore_counts(r)
@@ -363,7 +371,11 @@ class Coordinator:
                    "uplink_bpp": float(np.mean(list(up.values()))) if up else 0.0, "uplink_bpp_by_device": up,
                    "downlink_bpp": 8 * len(self.wire) / self.d if r.phase == MASK else 0.0,
                    "decode_s": round(max(r.decode_s.values()), 4) if r.decode_s else 0.0,
-                   "counts_masks": self.counts.masks, "mask_rounds": self.mask_rounds}
+                   "counts_masks": self.counts.masks, "head_rounds": self.head_rounds,
+                   "mask_rounds": self.mask_rounds}
+        if r.phase == HEAD:
+            summary["head"] = c.head
+            summary["uplink_bpp"] = float(np.mean(list(up.values()))) if up else 0.0
         self.wire, self.thresholds = wire, thresholds
         self.theta_digest = theta_digest(wire)
         summary["close_s"] = round(time.perf_counter() - started, 4)
@@ -380,10 +392,11 @@ class Coordinator:
                  len(r.selected), summary["close_s"])
         return summary
 
-    def _finish(self, summary: Dict) -> None:
-        """After a close, outside the lock: evaluate theta on held-out data, report the round."""
-        if self.evaluate is not None and summary["state"] == "closed":
-            scores = self.evaluate(self.thresholds, self.head)
+    def _finish(self, summary: Dict, seed: int) -> None:
+        """After a close, outside the lock: score the head or theta on held-out data, report the round."""
+        if self.evaluate is not None and summary["state"] == "closed" and self.agg.head is not None:
+            mask = summary["phase"] == MASK
+            scores = self.evaluate(self.agg.head, self.thresholds if mask else None, eval_seed(seed))
             summary.update(scores)
             with self.cond:
                 self.store.close_round(summary["round"], summary["state"], summary)
@@ -403,9 +416,9 @@ class Coordinator:
         """Decode an update against its round; InvalidUpdate for a bad payload or a digest mismatch."""
         try:
             if r.phase == HEAD:
-                return decode_head(payload, self.config.num_classes, self.facts.feature_dim)
+                return self.agg.decode_share(payload)
             packed, digest = rebuild_client_mask(decode_payload(payload, self.d), self.thresholds, r.seed,
-                                                 device_id, self.config.reference)
+                                                 self.devices[device_id].name, self.config.reference)
         except PayloadError as exc:
             raise InvalidUpdate(f"corrupt update: {exc}") from None
         if reference_digest is not None and digest != reference_digest:
@@ -415,7 +428,7 @@ class Coordinator:
 
     def _apply(self, r: OpenRound, device_id: str, payload: bytes, sha: str, checked, metrics: Dict) -> None:
         if r.phase == HEAD:
-            r.heads.append((checked, float(metrics.get("num_examples") or 1)))
+            r.shares[self.devices[device_id].name] = (checked, float(metrics.get("num_examples") or 1))
         else:
             self.counts.add_packed(checked)
         r.received[device_id], r.nbytes[device_id], r.metrics[device_id] = sha, len(payload), metrics
@@ -452,28 +465,18 @@ class Coordinator:
         return [d.device_id for d in self.devices.values() if d.ready and d.last_seen >= horizon]
 
     def _task(self, r: OpenRound) -> Task:
-        c = self.config
+        head = encode_head(*self.agg.head) if self.agg.head is not None else b""
         if r.phase == HEAD:
-            return Task(HEAD, r.round, r.seed, 0.0, c.codec, c.reference, r.deadline)
-        return Task(MASK, r.round, r.seed, r.kappa, c.codec, c.reference, r.deadline, self.theta_digest,
-                    len(self.wire), self.head or b"")
+            return Task(HEAD, r.round, r.task, r.deadline, head=head)
+        return Task(MASK, r.round, r.task, r.deadline, self.theta_digest, len(self.wire), head)
 
+    def _work(self, r: OpenRound) -> DeviceTask:
+        """The task of a round opened before a restart (the plan's fields are in its row)."""
+        c = self.config
+        return DeviceTask(r.phase, r.round, r.seed, r.kappa, c.codec, c.reference, c.head, c.lda_covariance, c.local)
 
-def _average_heads(shares: List[Tuple[Tuple[np.ndarray, np.ndarray], float]]) -> bytes:
-    """FedAvg of the heads, weighted by local examples (`deltamask.training.average_heads`), as wire bytes."""
-    import torch
-
-    from deltamask.training import average_heads
-
-    heads = []
-    for (weight, bias), _ in shares:
-        layer = torch.nn.Linear(weight.shape[1], weight.shape[0])
-        with torch.no_grad():
-            layer.weight.copy_(torch.from_numpy(weight))
-            layer.bias.copy_(torch.from_numpy(bias))
-        heads.append(layer)
-    out = average_heads(heads, [w for _, w in shares])
-    return encode_head(out.weight.detach().numpy(), out.bias.detach().numpy())
+    def _decode_head(self, data: bytes) -> Head:
+        return decode_head(data, self.config.num_classes, self.facts.feature_dim)
 
 
 __all__ = ["Conflict", "Coordinator", "CoordinatorError", "Device", "InvalidUpdate", "ModelFacts", "NotOpen",

@@ -16,7 +16,8 @@ from deltamask.errors import PayloadError
 from deltamask.transfer import CHUNK_BYTES, Assembler, sha256_hex, split
 from deltamask.v1 import coordinator_pb2 as pb
 from deltamask.v1 import coordinator_pb2_grpc as rpc
-from server.coordinator import (DONE, HEAD, IDLE, MASK, Conflict, Coordinator, CoordinatorError, InvalidUpdate,
+from deltamask.federation import HEAD, MASK
+from server.coordinator import (DONE, IDLE, Conflict, Coordinator, CoordinatorError, InvalidUpdate,
                                 NotOpen, TooLarge, UnknownDevice)
 
 log = logging.getLogger(__name__)
@@ -81,13 +82,16 @@ class CoordinatorService(rpc.CoordinatorServicer):
     @_refusals
     def GetTask(self, request, context):
         task = self.c.get_task(request.device_id, request.after_round, request.wait_s)
-        local = self.c.config.local
+        w = task.work
+        if w is None:  # IDLE or DONE
+            return pb.Task(phase=PHASES[task.phase], round=task.round)
         head = task.phase == HEAD
-        return pb.Task(phase=PHASES[task.phase], round=task.round, seed=task.seed, kappa=task.kappa,
-                       codec=task.codec, reference=task.reference, deadline_unix_s=task.deadline,
-                       theta_digest=task.theta_digest, theta_bytes=task.theta_bytes, head=task.head,
-                       num_classes=self.c.config.num_classes, feature_dim=self.c.facts.feature_dim,
-                       epochs=local.head_epochs if head else local.epochs, batch_size=local.batch_size, lr=local.lr)
+        return pb.Task(phase=PHASES[task.phase], round=task.round, seed=w.seed, kappa=w.kappa, codec=w.codec,
+                       reference=w.reference, deadline_unix_s=task.deadline, theta_digest=task.theta_digest,
+                       theta_bytes=task.theta_bytes, head=task.head, num_classes=self.c.config.num_classes,
+                       feature_dim=self.c.facts.feature_dim, epochs=w.local.head_epochs if head else w.local.epochs,
+                       batch_size=w.local.batch_size, lr=w.local.head_lr if head else w.local.lr,
+                       head_kind=w.head, lda_covariance=w.lda_covariance, loss=w.local.loss)
 
     @_refusals
     def FetchTheta(self, request, context):

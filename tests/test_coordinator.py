@@ -3,6 +3,7 @@ import numpy as np
 import pytest
 
 from deltamask.codecs import get_codec
+from deltamask.federation import plan_round
 from deltamask.headwire import encode_head
 from deltamask.rounds import client_update
 from deltamask.sampling import thresholds_to_theta
@@ -24,7 +25,7 @@ class Clock:
 def make(tmp_path, clock, **kw) -> Coordinator:
     config = ServerConfig(**{**dict(state_dir=str(tmp_path / "state"), backbone=None, d=D, num_classes=CLASSES,
                                     expected_clients=3, min_quorum=2, rounds=3, round_deadline_s=100,
-                                    heartbeat_interval_s=10, codec="exact"), **kw})
+                                    heartbeat_interval_s=10, codec="exact", head="linear_probe"), **kw})
     return Coordinator(config, ModelFacts(D, "layout", FEATURES), Store(config.state_dir), clock=clock)
 
 
@@ -50,7 +51,7 @@ def upload(c: Coordinator, device: str, seed: int = 0):
     r = c.open
     theta_k = thresholds_to_theta(c.thresholds).astype(np.float64)
     theta_k[np.random.default_rng(seed).choice(D, 200, replace=False)] = 0.02
-    return client_update(c.thresholds, theta_k, r.seed, device, r.kappa, get_codec(c.config.codec),
+    return client_update(c.thresholds, theta_k, r.seed, c.devices[device].name, r.kappa, get_codec(c.config.codec),
                          c.config.reference)
 
 
@@ -83,17 +84,19 @@ def test_a_device_missing_two_heartbeats_is_not_sampled(tmp_path):
     assert sorted(c.open.selected) == sorted([a, b])
 
 
-def test_rho_samples_a_fraction_with_the_round_seed(tmp_path):
-    c = make(tmp_path, Clock(), rho=0.5, expected_clients=6, min_quorum=1)
-    ids = join(c, [f"d{i}" for i in range(6)])
-    c.step()
-    assert len(c.open.selected) == 3 and set(c.open.selected) <= set(ids)
-    again = make(tmp_path / "other", Clock(), rho=0.5, expected_clients=6, min_quorum=1)
-    join(again, [f"d{i}" for i in range(6)])
-    again.step()
-    names = {d.device_id: d.name for d in c.devices.values()}
-    names2 = {d.device_id: d.name for d in again.devices.values()}
-    assert len({names[i] for i in c.open.selected}) == 3 and len({names2[i] for i in again.open.selected}) == 3
+def test_the_same_seed_selects_the_same_names_whatever_the_ids_and_the_order_they_joined(tmp_path):
+    """Selection is over enrolled names (never the random device ids): two coordinators with the same
+    seed, whose devices joined in opposite orders, select the same names, and the policy's own plan."""
+    selected = []
+    for folder, names in (("one", [f"d{i}" for i in range(6)]), ("two", [f"d{i}" for i in reversed(range(6))])):
+        c = make(tmp_path / folder, Clock(), rho=0.5, expected_clients=6, min_quorum=1)
+        join(c, names)
+        head(c, list(c.devices))  # head_rho = 1: every device in the head round
+        assert len(c.open.selected) == 3
+        selected.append(sorted(c.devices[i].name for i in c.open.selected))
+    assert selected[0] == selected[1]
+    plan = plan_round(c.config, 1, 1, 0, [f"d{i}" for i in range(6)])
+    assert list(plan.selected) == selected[0] and plan.seed == c.open.seed and plan.kappa == c.open.kappa
 
 
 def test_a_round_below_quorum_at_its_deadline_is_skipped_and_changes_nothing(tmp_path):
@@ -133,7 +136,7 @@ def test_a_restart_mid_round_replays_the_stored_uploads(tmp_path):
     assert again.open.round == r and sorted(again.open.received) == sorted(ids[:2])
     assert np.array_equal(again.counts.ones, ones) and again.counts.masks == 2
     assert {d.name for d in again.devices.values()} == {"a", "b", "c"}
-    assert again.head == c.head
+    assert all(np.array_equal(a, b) for a, b in zip(again.agg.head, c.agg.head))
     again.submit(ids[2], r, ups[ids[2]].payload, ups[ids[2]].reference_digest, {})
     again.step()
     assert again.history[-1]["state"] == "closed" and again.history[-1]["received"] == 3

@@ -8,8 +8,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from deltamask.masking import EXPECTED, FEDPM, FIXED, IDENTITY, MaskedModule
-from deltamask.training import TrainSettings, train_mask
+from deltamask.learn.masking import EXPECTED, FEDPM, FIXED, IDENTITY, MaskedModule
+from deltamask.federation import LocalTraining
+from deltamask.learn.training import train_mask
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -60,7 +61,7 @@ def test_frozen_weights_and_batchnorm_statistics_are_bitwise_unchanged_by_traini
     masks = MaskedModule(net, theta0=0.9)
     before = {k: v.clone() for k, v in net.state_dict().items() if not k.endswith("scores")}
     x, y = torch.randn(40, 3, 6, 6), torch.randint(0, 3, (40,))
-    theta_k = train_mask(net, masks, np.full(masks.d, 0.9), x, y, TrainSettings(epochs=2, batch_size=8))
+    theta_k = train_mask(net, masks, np.full(masks.d, 0.9), x, y, LocalTraining(epochs=2, batch_size=8))
     after = net.state_dict()
     assert all(torch.equal(before[k], after[k]) for k in before)
     assert not np.allclose(theta_k, 0.9)  # the scores did move
@@ -117,7 +118,7 @@ def test_sampled_mask_is_a_seeded_bernoulli_draw_with_the_straight_through_gradi
 LAYOUT_SCRIPT = """
 import torch
 from torch import nn
-from deltamask.masking import MaskedModule
+from deltamask.learn.masking import MaskedModule
 torch.manual_seed(0)
 net = nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), nn.Sequential(nn.Linear(4, 5), nn.Linear(5, 3)))
 print(MaskedModule(net).layout_digest())

@@ -8,9 +8,9 @@ import pytest  # noqa: E402
 import torch  # noqa: E402
 from timm.layers.activations import QuickGELU as TimmQuickGELU  # noqa: E402
 
-from deltamask.masking import MaskedModule  # noqa: E402
-from deltamask.models import load_backbone  # noqa: E402
-from deltamask.models.timm_models import QuickGELU  # noqa: E402
+from deltamask.learn.masking import MaskedModule  # noqa: E402
+from deltamask.learn.models import load_backbone  # noqa: E402
+from deltamask.learn.models.timm_models import QuickGELU  # noqa: E402
 
 
 def test_quick_gelu_has_timm_forward_bits_and_the_right_gradient():

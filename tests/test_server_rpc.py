@@ -24,7 +24,7 @@ from server.service import Server
 from server.store import Store
 
 CONFIG = dict(backbone="tiny", weights=None, image_size=16, expected_clients=1, min_quorum=1, rounds=3,
-              heartbeat_interval_s=30, local=LocalTraining(head_epochs=1))
+              heartbeat_interval_s=30, head="linear_probe", local=LocalTraining(head_epochs=1))
 
 
 def start(tmp_path: Path, chunk_bytes: int = 1 << 20, **overrides):
@@ -80,14 +80,15 @@ def submit(stub, device_id, round_index, payload, reference_digest, total_length
     return stub.SubmitUpdate(iter(chunks))
 
 
-def mask_update(stub, device_id: str, task: pb.Task):
+def mask_update(stub, device_id: str, task: pb.Task, name: str = "pi-1"):
+    """The device's update, its masks seeded by its enrolled name (as the coordinator rebuilds them)."""
     wire = fetch_theta(stub, device_id, task.round, 1 << 24, Backoff())
     assert theta_digest(wire) == task.theta_digest
     thresholds = decode_theta(wire)
     theta_k = thresholds_to_theta(thresholds).astype(np.float64)
     rng = np.random.default_rng(0)
     theta_k[rng.choice(len(theta_k), 300, replace=False)] = 0.05  # as if training had turned some off
-    return client_update(thresholds, theta_k, task.seed, device_id, task.kappa, get_codec(task.codec),
+    return client_update(thresholds, theta_k, task.seed, name, task.kappa, get_codec(task.codec),
                          task.reference)
 
 

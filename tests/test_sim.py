@@ -7,11 +7,13 @@ from pathlib import Path
 import pytest
 
 from deltamask.errors import DataError, ModelError
-from deltamask.sim import SimConfig, parse_args, run
+from deltamask.federation import LocalTraining
+from deltamask.learn.sim import SimConfig, parse_args, run
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = dict(backbone="tiny", weights=None, image_size=16, dataset="digits", train_samples=0, test_samples=0,
-            clients=3, rounds=2, min_per_client=5, probe_epochs=5, batch_size=32)
+            clients=3, rounds=2, min_per_client=5, head="linear_probe",
+            local=LocalTraining(head_epochs=5, batch_size=32))
 
 
 @pytest.mark.parametrize("codec", ["bfuse8", "exact", "rawmask"])
@@ -43,11 +45,17 @@ def test_partial_participation_samples_k_clients_and_resets_on_schedule():
     assert [r["clients"] for r in rows[1:]] == [2, 2, 2]
 
 
-def test_heads_lda_and_kaiming():
+def test_heads_lda_and_kaiming_and_several_linear_probe_rounds():
     lda = list(run(SimConfig(**{**TINY, "head": "lda", "rounds": 1}), progress=False))
+    full = list(run(SimConfig(**{**TINY, "head": "lda", "lda_covariance": "full", "rounds": 1}), progress=False))
     kaiming = list(run(SimConfig(**{**TINY, "head": "kaiming", "rounds": 1}), progress=False))
-    assert lda[0]["uplink_bpp"] > 0 and kaiming[0]["uplink_bpp"] == 0
-    assert lda[0]["accuracy"] > kaiming[0]["accuracy"]
+    assert lda[0]["uplink_bpp"] == pytest.approx(32 * (10 * 32 + 32) / 6768 + 32 * 10 / 6768)  # sums, counts, diag
+    assert full[0]["uplink_bpp"] == pytest.approx(32 * (10 * 32 + 32 * 33 / 2 + 10) / 6768)
+    assert kaiming[0]["uplink_bpp"] == 0 and kaiming[0]["round"] == -1 and kaiming[1]["round"] == 0
+    assert lda[0]["accuracy"] > kaiming[0]["accuracy"] and full[0]["accuracy"] > kaiming[0]["accuracy"]
+    probes = list(run(SimConfig(**{**TINY, "head_rounds": 3, "rounds": 1}), progress=False))
+    assert [r["phase"] for r in probes] == ["head", "head", "head", "mask"] and probes[3]["round"] == 3
+    assert len({r["head_sha256"] for r in probes[:3]}) == 3  # each head round moves the head
 
 
 def test_clear_errors_for_bad_settings():
@@ -60,11 +68,11 @@ def test_clear_errors_for_bad_settings():
 def test_cli_prints_json_lines_and_a_clear_error():
     args = ["--backbone", "tiny", "--weights", "none", "--image-size", "16", "--dataset", "digits",
             "--train-samples", "0", "--test-samples", "0", "--clients", "2", "--rounds", "1", "--min-per-client", "5"]
-    out = subprocess.run([sys.executable, "-m", "deltamask.sim", *args], capture_output=True, text=True, cwd=ROOT)
+    out = subprocess.run([sys.executable, "-m", "deltamask.learn.sim", *args], capture_output=True, text=True, cwd=ROOT)
     assert out.returncode == 0, out.stderr
     lines = [json.loads(line) for line in out.stdout.splitlines()]
     assert "config" in lines[0] and [r["round"] for r in lines[1:]] == [0, 1]
-    bad = subprocess.run([sys.executable, "-m", "deltamask.sim", *args, "--dataset", "cifar10", "--data-root",
+    bad = subprocess.run([sys.executable, "-m", "deltamask.learn.sim", *args, "--dataset", "cifar10", "--data-root",
                           str(ROOT / "no-such-folder")], capture_output=True, text=True, cwd=ROOT)
     assert bad.returncode == 2 and "error:" in bad.stderr and "Traceback" not in bad.stderr
     assert parse_args(["--weights", "none"]).weights is None

@@ -85,6 +85,26 @@ def dirichlet_partition(labels: np.ndarray, num_clients: int, alpha: float, min_
 EFFECTIVE, PRESENT = "effective", "present"
 
 
+def seeded_subset(n: int, samples: int, seed: int) -> np.ndarray:
+    """Indices (sorted) of a seeded subset of `samples` of n examples; all of them when samples is 0 or >= n."""
+    if samples <= 0 or samples >= n:
+        return np.arange(n)
+    return np.sort(np.random.default_rng(seed).permutation(n)[:samples])
+
+
+def device_share(labels: np.ndarray, samples: int = 0, clients: int = 1, index: int = 0, alpha: float = 10.0,
+                 min_per_client: int = 10, seed: int = 0) -> np.ndarray:
+    """Indices into `labels` that device `index` of `clients` holds: a seeded subset of `samples` examples
+    (0: all), then part `index` of a Dir(alpha) split (same seed everywhere: the parts never overlap).
+    The simulator and a demo fleet's agents both take their data from here."""
+    if not 0 <= index < clients:
+        raise DataError(f"device index {index} is not one of 0..{clients - 1}")
+    subset = seeded_subset(len(labels), samples, seed)
+    if clients == 1:
+        return subset
+    return subset[dirichlet_partition(np.asarray(labels)[subset], clients, alpha, min_per_client, seed=seed)[index]]
+
+
 def class_coverage(labels: np.ndarray, parts: Sequence[np.ndarray], num_classes: Optional[int] = None,
                    measure: str = EFFECTIVE) -> float:
     """C_p: the mean over clients of the fraction of the classes a client holds, in [0, 1].

@@ -6,8 +6,8 @@ import torch
 from torch import nn
 
 from deltamask.errors import ModelError
-from deltamask.models import load_backbone, masked_weight_count
-from deltamask.models import torchvision_models as tvm
+from deltamask.learn.models import load_backbone, masked_weight_count
+from deltamask.learn.models import torchvision_models as tvm
 
 pytest.importorskip(tvm.OFFLINE_PACKAGE, reason=f"offline weights missing: {tvm.FIX}")
 

@@ -8,9 +8,9 @@ import torch  # noqa: E402
 from torch import nn  # noqa: E402
 
 from deltamask.errors import DeltaMaskError, ModelError  # noqa: E402
-from deltamask.models import BACKBONES, Backbone, load_backbone, masked_weight_count  # noqa: E402
+from deltamask.learn.models import BACKBONES, Backbone, load_backbone, masked_weight_count  # noqa: E402
 
-# d = Linear/Conv weights of the last 5 blocks (what deltamask.masking masks), measured here;
+# d = Linear/Conv weights of the last 5 blocks (what deltamask.learn.masking masks), measured here;
 # docs/design.md section 6.2's second column counts every parameter of those 5 blocks (biases, norms,
 # LayerScale too).
 D_LAST_5 = {
@@ -62,7 +62,7 @@ def test_tiny_is_seeded_and_splits_into_prefix_and_last_blocks():
 
 
 def test_tiny_loads_a_saved_state_dict_and_takes_three_channels(tmp_path):
-    from deltamask.models.tiny import tiny_model
+    from deltamask.learn.models.tiny import tiny_model
     path = tmp_path / "tiny.pth"
     torch.save(tiny_model(channels=3, seed=7).state_dict(), path)
     loaded, seeded = load_backbone("tiny", weights=path, channels=3), load_backbone("tiny", channels=3, seed=7)
@@ -92,7 +92,7 @@ def test_train_mode_keeps_batchnorm_statistics_and_the_function():
 
 
 def test_masking_module_covers_exactly_the_counted_weights():
-    from deltamask.masking import MaskedModule
+    from deltamask.learn.masking import MaskedModule
     bb = load_backbone("tiny")
     assert MaskedModule(bb.masked).d == masked_weight_count(bb) == 6_768
 

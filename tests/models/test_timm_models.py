@@ -7,8 +7,8 @@ import pytest  # noqa: E402
 import torch  # noqa: E402
 
 from deltamask.errors import ModelError  # noqa: E402
-from deltamask.models import load_backbone  # noqa: E402
-from deltamask.models import timm_models as tm  # noqa: E402
+from deltamask.learn.models import load_backbone  # noqa: E402
+from deltamask.learn.models import timm_models as tm  # noqa: E402
 
 
 @pytest.mark.parametrize("name, size", [("clip_vit_b32", 64), ("dinov2_s14", 28), ("convmixer_768_32", 32)])

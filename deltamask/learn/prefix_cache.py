@@ -13,7 +13,7 @@ from typing import Iterable, Optional, Tuple, Union
 import numpy as np
 import torch
 
-from deltamask.models.base import Backbone
+from deltamask.learn.models.base import Backbone
 
 log = logging.getLogger(__name__)
 Outputs = Union[torch.Tensor, Tuple[torch.Tensor, ...]]

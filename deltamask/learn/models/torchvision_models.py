@@ -11,8 +11,8 @@ import torch
 from torch import nn
 
 from deltamask.errors import ModelError
-from deltamask.models import Weights, _check_blocks, _FrozenSequential, _weight_file
-from deltamask.models.base import Backbone, Preprocessing
+from deltamask.learn.models import Weights, _check_blocks, _FrozenSequential, _weight_file
+from deltamask.learn.models.base import Backbone, Preprocessing
 
 log = logging.getLogger(__name__)
 

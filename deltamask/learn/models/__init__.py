@@ -17,12 +17,12 @@ from typing import Dict, Optional, Union
 from torch import nn
 
 from deltamask.errors import ModelError
-from deltamask.masking import MASKABLE as MASKED_TYPES  # the weights a mask covers
-from deltamask.models.base import Backbone, Preprocessing
+from deltamask.learn.masking import MASKABLE as MASKED_TYPES  # the weights a mask covers
+from deltamask.learn.models.base import Backbone, Preprocessing
 
 Weights = Union[str, "os.PathLike[str]", None]
 
-# name -> the module under deltamask.models whose `load(name, weights, blocks, **kw)` builds it
+# name -> the module under deltamask.learn.models whose `load(name, weights, blocks, **kw)` builds it
 BACKBONES: Dict[str, str] = {
     "mobilenet_v2": "torchvision_models",
     "clip_vit_b32": "timm_models",
@@ -42,7 +42,7 @@ def load_backbone(name: str, weights: Weights = "default", blocks: int = 5, **kw
     (e.g. `size=64` for image backbones)."""
     if name not in BACKBONES:
         raise ModelError(f"unknown backbone {name!r}; known backbones: {', '.join(BACKBONES)}")
-    module = importlib.import_module(f"deltamask.models.{BACKBONES[name]}")
+    module = importlib.import_module(f"deltamask.learn.models.{BACKBONES[name]}")
     return module.load(name, weights=weights, blocks=blocks, **kw)
 
 

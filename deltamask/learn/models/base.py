@@ -1,11 +1,11 @@
 """What a backbone is to the rest of the library: a frozen prefix, the last blocks to mask, a feature size.
 
 Every backbone in the registry is split the same way, so that the prefix's outputs can be computed once
-per local dataset (`deltamask.prefix_cache`) and local training runs only the masked part:
+per local dataset (`deltamask.learn.prefix_cache`) and local training runs only the masked part:
 
     inputs --prefix--> hidden --masked--> features (B, feature_dim) --head--> logits
 
-`masked` holds the last `blocks` blocks and whatever pooling follows them; `deltamask.masking` puts
+`masked` holds the last `blocks` blocks and whatever pooling follows them; `deltamask.learn.masking` puts
 masks over its Linear and Conv weights. Both parts are in eval mode and frozen.
 """
 from dataclasses import dataclass, field

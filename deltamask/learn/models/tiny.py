@@ -8,8 +8,8 @@ from typing import Tuple
 import torch
 from torch import nn
 
-from deltamask.models import Weights, _check_blocks, _FrozenSequential, _weight_file
-from deltamask.models.base import Backbone, Preprocessing
+from deltamask.learn.models import Weights, _check_blocks, _FrozenSequential, _weight_file
+from deltamask.learn.models.base import Backbone, Preprocessing
 
 WIDTHS: Tuple[int, ...] = (4, 4, 8, 8, 16, 32)
 STRIDES: Tuple[int, ...] = (1, 2, 1, 2, 1, 2)  # 28x28 -> 4x4

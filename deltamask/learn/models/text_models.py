@@ -14,8 +14,8 @@ import torch  # noqa: E402
 from torch import nn  # noqa: E402
 
 from deltamask.errors import ModelError  # noqa: E402
-from deltamask.models import Weights, _check_blocks, _FrozenModes  # noqa: E402
-from deltamask.models.base import Backbone, Preprocessing  # noqa: E402
+from deltamask.learn.models import Weights, _check_blocks, _FrozenModes  # noqa: E402
+from deltamask.learn.models.base import Backbone, Preprocessing  # noqa: E402
 
 try:
     from transformers.masking_utils import create_bidirectional_mask

@@ -20,8 +20,8 @@ from timm.models.vision_transformer import Attention as _TimmAttention, Block as
 from torch import nn  # noqa: E402
 
 from deltamask.errors import ModelError  # noqa: E402
-from deltamask.models import Weights, _check_blocks, _FrozenModes, _FrozenSequential, _weight_file  # noqa: E402
-from deltamask.models.base import Backbone, Preprocessing  # noqa: E402
+from deltamask.learn.models import Weights, _check_blocks, _FrozenModes, _FrozenSequential, _weight_file  # noqa: E402
+from deltamask.learn.models.base import Backbone, Preprocessing  # noqa: E402
 
 log = logging.getLogger(__name__)
 
@@ -169,7 +169,7 @@ def create_model(name: str, weights: Weights = "default", size: int = 224) -> nn
             f"pretrained weights for {name} ({timm_name}, Hugging Face hub {hub}) are not in the local cache"
             f" and HF_HUB_OFFLINE={os.environ.get('HF_HUB_OFFLINE', '')} or no network ({type(e).__name__})."
             " Pass weights=PATH (a timm or open_clip checkpoint file), or set HF_HUB_OFFLINE=0 before"
-            " importing deltamask.models.timm_models on a machine with internet to fill the cache,"
+            " importing deltamask.learn.models.timm_models on a machine with internet to fill the cache,"
             " or weights=None for random init") from e
 
 

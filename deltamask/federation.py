@@ -1,0 +1,293 @@
+"""The federation's rules, once: whom to ask and what to send (the round plan), and how to combine the
+replies (the aggregator). Arrays in, arrays out: no torch, no gRPC, no files, no clock.
+
+    plan = plan_round(policy, index, heads_done, masks_done, eligible_names)   # who, seeds, kappa, reset
+    agg = Aggregator(policy, d, num_classes, feature_dim)
+    head phase:  agg.close_head({name: (decode_share(...), examples)})        -> the frozen head
+    mask phase:  agg.open_mask(plan); agg.counts.add_packed(rebuilt) ...; agg.close_mask() -> thresholds
+
+The simulator (`deltamask.learn.sim`), the coordinator (`server.coordinator`) and the agent (through
+`deltamask.learn.learner`) all take their rounds from here; what differs between them is only transport,
+persistence and time. Devices are keyed by a stable name (the enrolled name), never by a random id, so
+the same federation seed selects the same devices and draws the same masks everywhere.
+"""
+import hashlib
+import math
+from dataclasses import dataclass, field
+from typing import Mapping, Optional, Sequence, Tuple
+
+import numpy as np
+
+from deltamask.aggregation import MEAN, MODE, BetaCounts, reset_due
+from deltamask.codecs import CODECS
+from deltamask.delta import cosine_kappa
+from deltamask.headwire import LDA_COVARIANCES, LdaStats, decode_head, decode_lda_stats
+from deltamask.sampling import PER_CLIENT, SHARED, round_seed, theta_to_thresholds
+from deltamask.thetawire import encode_theta
+
+HEAD, MASK = "head", "mask"
+LINEAR_PROBE, LDA, KAIMING = "linear_probe", "lda", "kaiming"
+HEADS = (LINEAR_PROBE, LDA, KAIMING)
+CROSS_ENTROPY, LOCAL_CLASSES = "cross_entropy", "local_classes"
+LOSSES = (CROSS_ENTROPY, LOCAL_CLASSES)
+Head = Tuple[np.ndarray, np.ndarray]  # (weight (classes x features), bias (classes)), float32
+
+
+@dataclass(frozen=True)
+class LocalTraining:
+    """What a selected device runs (paper C.1 for the mask: 1 epoch, batch 64, Adam, lr 0.1)."""
+
+    epochs: int = 1
+    batch_size: int = 64
+    lr: float = 0.1
+    loss: str = CROSS_ENTROPY  # local_classes: softmax over the classes the device holds (label skew)
+    head_epochs: int = 20  # linear probing: local epochs a head round
+    head_lr: float = 1e-3
+
+    def check(self) -> None:
+        for key in ("epochs", "batch_size", "head_epochs"):
+            if getattr(self, key) < 1:
+                raise ValueError(f"local.{key} must be at least 1, got {getattr(self, key)}")
+        for key in ("lr", "head_lr"):
+            if getattr(self, key) <= 0:
+                raise ValueError(f"local.{key} must be positive, got {getattr(self, key)}")
+        if self.loss not in LOSSES:
+            raise ValueError(f"local.loss must be one of {', '.join(LOSSES)}, got {self.loss!r}")
+
+
+@dataclass(frozen=True)
+class Policy:
+    """The round policy: one set of defaults for the simulator and the coordinator (whose configuration
+    extends it), so that both run the same federation from the same file."""
+
+    rounds: int = 20  # mask rounds, after the head phase
+    rho: float = 1.0  # fraction of the eligible devices asked each mask round
+    min_quorum: int = 1  # replies a round needs at its deadline; also the least K
+    head: str = LDA  # linear_probe | lda | kaiming (docs/results.md: the head phase)
+    head_rounds: int = 1  # linear probing: FedAvg rounds (lda needs one, kaiming none)
+    head_rho: float = 1.0  # fraction of the eligible devices asked each head round
+    lda_covariance: str = "diag"  # what an LDA share carries of the second moments: diag | full
+    lda_shrinkage: float = 0.1  # LDA: covariance shrunk towards its mean variance
+    codec: str = "bfuse8"
+    kappa_start: float = 0.8
+    kappa_end: float = 1.0
+    reference: str = PER_CLIENT
+    theta_formula: str = MODE
+    theta0: float = 0.99
+    lambda0: float = 1.0
+    seed: int = 0
+    local: LocalTraining = field(default_factory=LocalTraining)
+
+    def check(self) -> None:
+        if self.codec not in CODECS:
+            raise ValueError(f"codec {self.codec!r} is not one of {', '.join(CODECS)}")
+        if self.reference not in (PER_CLIENT, SHARED):
+            raise ValueError(f"reference must be {PER_CLIENT!r} or {SHARED!r}, got {self.reference!r}")
+        if self.theta_formula not in (MODE, MEAN):
+            raise ValueError(f"theta_formula must be {MODE!r} or {MEAN!r}, got {self.theta_formula!r}")
+        if self.head not in HEADS:
+            raise ValueError(f"head must be one of {', '.join(HEADS)}, got {self.head!r}")
+        if self.lda_covariance not in LDA_COVARIANCES:
+            raise ValueError(f"lda_covariance must be one of {', '.join(LDA_COVARIANCES)}, "
+                             f"got {self.lda_covariance!r}")
+        if not 0 <= self.lda_shrinkage <= 1:
+            raise ValueError(f"lda_shrinkage must lie in [0, 1], got {self.lda_shrinkage}")
+        for key in ("rho", "head_rho"):
+            if not 0 < getattr(self, key) <= 1:
+                raise ValueError(f"{key} must lie in (0, 1], got {getattr(self, key)}")
+        if not 0 < self.theta0 < 1:
+            raise ValueError(f"theta0 must lie in (0, 1), got {self.theta0}")
+        for key in ("rounds", "min_quorum", "head_rounds"):
+            if getattr(self, key) < 1:
+                raise ValueError(f"{key} must be at least 1, got {getattr(self, key)}")
+        if self.lambda0 <= 0:
+            raise ValueError(f"lambda0 must be positive, got {self.lambda0}")
+        self.local.check()
+
+    @property
+    def head_phase_rounds(self) -> int:
+        """Head rounds before the mask rounds: none for a seeded Kaiming head, one for LDA (its sums are
+        exact in one round), `head_rounds` for linear probing."""
+        return {KAIMING: 0, LDA: 1}.get(self.head, self.head_rounds)
+
+
+def clients_per_round(rho: float, eligible: int, min_quorum: int = 1) -> int:
+    """K: round(rho * eligible), at least min_quorum, at most the eligible devices."""
+    return min(eligible, max(min_quorum, int(round(rho * eligible))))
+
+
+def derived_seed(tag: str, seed: int, key: str = "") -> int:
+    """A 63-bit seed for one purpose (`tag`) of one round or device: the first 8 bytes of
+    SHA-256("deltamask/<tag>/v1|seed|key"), top bit cleared (torch and NumPy take it as it is)."""
+    digest = hashlib.sha256(f"deltamask/{tag}/v1|{int(seed)}|{key}".encode("utf-8")).digest()
+    return int.from_bytes(digest[:8], "little") >> 1
+
+
+@dataclass(frozen=True)
+class RoundPlan:
+    """One round as the policy decides it: what every party derives from (federation seed, round index,
+    progress so far, eligible names)."""
+
+    index: int  # the round's number: head rounds first, skipped rounds count too
+    phase: str  # HEAD or MASK
+    seed: int  # the round's public seed (reference masks, own samples)
+    selected: Tuple[str, ...]  # device names, sorted
+    eligible: int
+    kappa: float = 0.0  # MASK: fraction of the KL-ranked delta sent
+    reset: bool = False  # MASK: the Beta counts go back to the prior before this round's masks
+    mask_round: int = 0  # mask rounds closed before this one
+    head_round: int = 0  # head rounds closed before this one
+
+    @property
+    def eval_seed(self) -> int:
+        return eval_seed(self.seed)
+
+
+@dataclass(frozen=True)
+class DeviceTask:
+    """What a selected device is told (the gRPC Task carries the same fields)."""
+
+    phase: str
+    round: int
+    seed: int  # the round's public seed
+    kappa: float = 0.0
+    codec: str = "bfuse8"
+    reference: str = PER_CLIENT
+    head: str = LDA
+    lda_covariance: str = "diag"
+    local: LocalTraining = field(default_factory=LocalTraining)
+
+
+def device_task(policy: Policy, plan: RoundPlan) -> DeviceTask:
+    return DeviceTask(plan.phase, plan.index, plan.seed, plan.kappa, policy.codec, policy.reference, policy.head,
+                      policy.lda_covariance, policy.local)
+
+
+def eval_seed(round_seed: int) -> int:
+    """The seed of the mask sampled from theta to score it on held-out data after a round."""
+    return derived_seed("eval", round_seed)
+
+
+def train_seed(round_seed: int, name: str) -> int:
+    """The seed of a device's local training in a round (batch order, per-batch masks, head init)."""
+    return derived_seed("train", round_seed, name)
+
+
+def plan_round(policy: Policy, index: int, heads_done: int, masks_done: int,
+               eligible: Sequence[str]) -> Optional[RoundPlan]:
+    """Round `index`, after `heads_done` head rounds and `masks_done` mask rounds closed; None when the
+    federation is over. K devices are drawn with the round's seed from the eligible names in sorted order."""
+    if masks_done >= policy.rounds:
+        return None
+    names = sorted(set(eligible))
+    phase = HEAD if heads_done < policy.head_phase_rounds else MASK
+    k = clients_per_round(policy.head_rho if phase == HEAD else policy.rho, len(names), policy.min_quorum)
+    seed = round_seed(policy.seed, index)
+    chosen = np.random.default_rng(seed).choice(len(names), size=k, replace=False) if k else []
+    selected = tuple(sorted(names[i] for i in chosen))
+    if phase == HEAD:
+        return RoundPlan(index, HEAD, seed, selected, len(names), head_round=heads_done, mask_round=masks_done)
+    kappa = cosine_kappa(masks_done, policy.rounds, policy.kappa_start, policy.kappa_end)
+    return RoundPlan(index, MASK, seed, selected, len(names), kappa, reset_due(masks_done, policy.rho),
+                     masks_done, heads_done)
+
+
+class Aggregator:
+    """How the replies combine: the head phase, the Beta counts, theta and its wire message."""
+
+    def __init__(self, policy: Policy, d: int, num_classes: int, feature_dim: int) -> None:
+        self.policy, self.d, self.num_classes, self.feature_dim = policy, int(d), num_classes, feature_dim
+        self.counts = BetaCounts(self.d, policy.lambda0)
+        self.thresholds = theta_to_thresholds(np.full(self.d, policy.theta0))
+        self.head: Optional[Head] = kaiming_head(feature_dim, num_classes, policy.seed) \
+            if policy.head == KAIMING else None
+
+    # --- head phase ---------------------------------------------------------------------------------
+    def decode_share(self, payload: bytes):
+        """A device's head-round reply, checked: a linear head, or LDA statistics (PayloadError if bad)."""
+        if self.policy.head == LDA:
+            return decode_lda_stats(payload, self.num_classes, self.feature_dim, self.policy.lda_covariance)
+        return decode_head(payload, self.num_classes, self.feature_dim)
+
+    def close_head(self, shares: Mapping[str, Tuple[object, float]]) -> Head:
+        """Combine {name: (share, examples)} in name order: FedAvg of linear heads weighted by examples,
+        or the LDA head from the summed statistics."""
+        ordered = [shares[name] for name in sorted(shares)]
+        if self.policy.head == LDA:
+            self.head = lda_head([s for s, _ in ordered], self.policy.lda_shrinkage)
+        else:
+            self.head = average_heads([s for s, _ in ordered], [w for _, w in ordered])
+        return self.head
+
+    # --- mask phase ---------------------------------------------------------------------------------
+    def open_mask(self, plan: RoundPlan) -> None:
+        if plan.reset:
+            self.counts.reset()
+
+    def close_mask(self) -> np.ndarray:
+        """theta (wire thresholds) from the counts; it becomes the next round's global theta."""
+        self.thresholds = self.counts.thresholds(self.policy.theta_formula, previous=self.thresholds)
+        return self.thresholds
+
+    def theta_wire(self) -> bytes:
+        return encode_theta(self.thresholds)
+
+
+def average_heads(heads: Sequence[Head], weights: Sequence[float]) -> Head:
+    """FedAvg of linear heads, weighted by (say) local examples; float64 sums, float32 result."""
+    total = float(sum(weights))
+    if total <= 0:
+        raise ValueError("head weights must add up to a positive number")
+    weight = sum(np.asarray(w, np.float64) * (n / total) for (w, _), n in zip(heads, weights))
+    bias = sum(np.asarray(b, np.float64) * (n / total) for (_, b), n in zip(heads, weights))
+    return weight.astype(np.float32), bias.astype(np.float32)
+
+
+def lda_head(stats: Sequence[LdaStats], shrinkage: float = 0.1) -> Head:
+    """FiT-LDA (a Gaussian head with one shared covariance) from devices' summed statistics: per-class
+    feature sums and counts, and the second moments (full, or their diagonal). Summing first makes the
+    result independent of how the data are split. W_c = S^-1 mu_c, b_c = -mu_c' S^-1 mu_c / 2 + log prior_c,
+    S shrunk towards its mean variance."""
+    sums = sum(np.asarray(s.sums, np.float64) for s in stats)
+    counts = sum(np.asarray(s.counts, np.float64) for s in stats)
+    second = sum(np.asarray(s.second, np.float64) for s in stats)
+    n = counts.sum()
+    if n <= 0:
+        raise ValueError("LDA statistics of no examples")
+    means = sums / np.maximum(counts, 1)[:, None]
+    dof = max(1.0, n - np.count_nonzero(counts))
+    if second.ndim == 1:  # diagonal: per-feature sums of squares
+        var = (second - (counts[:, None] * means ** 2).sum(0)) / dof
+        var = (1 - shrinkage) * var + shrinkage * var.mean()
+        precision_means = means / np.maximum(var, 1e-12)
+    else:
+        cov = (second - (means.T * counts) @ means) / dof
+        cov = (1 - shrinkage) * cov + shrinkage * np.eye(len(cov)) * np.trace(cov) / len(cov)
+        precision_means = np.linalg.solve(cov, means.T).T
+    prior = np.log(np.maximum(counts / n, 1e-12))
+    bias = -0.5 * (precision_means * means).sum(1) + prior
+    return precision_means.astype(np.float32), bias.astype(np.float32)
+
+
+def kaiming_head(feature_dim: int, num_classes: int, seed: int = 0) -> Head:
+    """A frozen random head every party derives from the federation seed: weights uniform in
+    +-1/sqrt(features) (Kaiming uniform with a = sqrt(5), torch's nn.Linear default), zero bias."""
+    bound = 1.0 / math.sqrt(feature_dim)
+    rng = np.random.default_rng(derived_seed("kaiming-head", seed))
+    weight = rng.uniform(-bound, bound, size=(num_classes, feature_dim)).astype(np.float32)
+    return weight, np.zeros(num_classes, dtype=np.float32)
+
+
+def head_bits(policy: Policy, num_classes: int, feature_dim: int) -> int:
+    """Bits one device uploads in a head round."""
+    from deltamask.headwire import head_nbytes, lda_stats_nbytes
+
+    if policy.head == LDA:
+        return 8 * lda_stats_nbytes(num_classes, feature_dim, policy.lda_covariance)
+    return 0 if policy.head == KAIMING else 8 * head_nbytes(num_classes, feature_dim)
+
+
+__all__ = ["Aggregator", "CROSS_ENTROPY", "HEAD", "HEADS", "Head", "KAIMING", "LDA", "LINEAR_PROBE",
+           "LOCAL_CLASSES", "LOSSES", "LocalTraining", "MASK", "DeviceTask", "Policy", "RoundPlan", "average_heads",
+           "clients_per_round", "derived_seed", "device_task", "eval_seed", "head_bits", "kaiming_head", "lda_head", "plan_round",
+           "train_seed"]

@@ -1,0 +1,133 @@
+"""A device's side of the federation, for the simulator and the agent alike: the model split for masking,
+the device's examples through the frozen prefix (once), and one round's work -> the bytes it uploads.
+Also the held-out evaluation the simulator and the coordinator report.
+
+    model = Model("mobilenet_v2", "default", blocks=5, image_size=64, num_classes=10)
+    learner = LocalLearner(model, model.prefix(images), labels)   # or inputs from the prefix cache
+    reply = learner.work(task, name, head, thresholds)                   # -> Reply(payload, digest, ...)
+"""
+import logging
+from dataclasses import dataclass
+from typing import Callable, Dict, Optional
+
+import numpy as np
+import torch
+from torch import nn
+
+from deltamask.codecs import get_codec
+from deltamask.federation import HEAD, LDA, DeviceTask, Head, train_seed
+from deltamask.headwire import encode_head, encode_lda_stats
+from deltamask.learn.masking import FIXED, IDENTITY, MaskedModule
+from deltamask.learn.prefix_cache import run_prefix
+from deltamask.learn.training import Inputs, evaluate, features_of, lda_statistics, linear_probe, num_rows, train_mask
+from deltamask.rounds import client_update
+from deltamask.sampling import sample_mask, thresholds_to_theta
+
+log = logging.getLogger(__name__)
+
+
+class Model:
+    """A backbone split for masking: the frozen prefix, the masked last blocks and a frozen linear head."""
+
+    def __init__(self, backbone: str, weights: Optional[str], blocks: int, image_size: int, num_classes: int,
+                 theta0: float = 0.99, estimator: str = IDENTITY) -> None:
+        from deltamask.learn.models import load_backbone
+
+        self.backbone = load_backbone(backbone, weights=weights, blocks=blocks, size=image_size)
+        self.image_size = image_size
+        self.masks = MaskedModule(self.backbone.masked, theta0, estimator)
+        self.d, self.num_classes, self.feature_dim = self.masks.d, num_classes, self.backbone.feature_dim
+        self.head = nn.Linear(self.feature_dim, num_classes)
+        for p in self.head.parameters():
+            p.requires_grad_(False)
+        self.net = nn.Sequential(self.backbone.masked, self.head)
+
+    def prefix(self, images: np.ndarray, progress: Callable = lambda batches: batches) -> Inputs:
+        """The frozen prefix's outputs for raw images, 256 at a time (what local training feeds the rest)."""
+        from deltamask.data import prepare_images
+
+        pre = self.backbone.preprocessing
+        tensor = prepare_images(images, self.image_size, pre.channels, pre.mean, pre.std)
+        return run_prefix(self.backbone, progress(torch.split(tensor, 256)))
+
+    def set_head(self, head: Head) -> None:
+        with torch.no_grad():
+            self.head.weight.copy_(torch.from_numpy(np.asarray(head[0], np.float32)))
+            self.head.bias.copy_(torch.from_numpy(np.asarray(head[1], np.float32)))
+
+
+@dataclass(frozen=True)
+class Reply:
+    """What a device uploads for a round, and what it knows about it."""
+
+    payload: bytes
+    examples: int
+    reference_digest: str = ""  # mask rounds: hex SHA-256 of the reference mask drawn
+    delta: int = 0  # positions where the own sample differs from the reference
+    kept: int = 0  # positions coded in the payload
+
+
+class LocalLearner:
+    """One device's examples (as prefix outputs) and its work in a round."""
+
+    def __init__(self, model: Model, inputs: Inputs, labels) -> None:
+        if num_rows(inputs) == 0:
+            raise ValueError("a device with no local examples cannot learn")
+        self.model, self.inputs, self.labels = model, inputs, torch.as_tensor(labels)
+
+    def work(self, task: DeviceTask, name: str, head: Optional[Head], thresholds: Optional[np.ndarray] = None,
+             progress: Optional[Callable[[int], None]] = None) -> Reply:
+        """The device's reply to `task`: its head share in a head round (`head` is the previous head
+        round's result, or None), its encoded mask delta in a mask round (`head` frozen, `thresholds` the
+        global theta as received)."""
+        if task.phase == HEAD:
+            return self.head_share(task, name, head)
+        if head is None or thresholds is None:
+            raise ValueError("a mask round needs the head and the global theta")
+        return self.mask_update(task, name, head, thresholds, progress)
+
+    def head_share(self, task: DeviceTask, name: str, head: Optional[Head]) -> Reply:
+        """Features of the unmasked backbone -> a linear probe (from the current head), or LDA statistics."""
+        m = self.model
+        m.masks.set_mode(FIXED, np.ones(m.d, dtype=bool))
+        features = features_of(m.net[0], self.inputs)
+        if task.head == LDA:
+            payload = encode_lda_stats(lda_statistics(features, self.labels, m.num_classes, task.lda_covariance),
+                                       task.lda_covariance)
+        else:
+            weight, bias = linear_probe(features, self.labels, m.num_classes, task.local.head_epochs,
+                                        task.local.head_lr, task.local.batch_size, train_seed(task.seed, name),
+                                        init=head)
+            payload = encode_head(weight, bias)
+        return Reply(payload, len(self.labels))
+
+    def mask_update(self, task: DeviceTask, name: str, head: Head, thresholds: np.ndarray,
+                    progress: Optional[Callable[[int], None]] = None) -> Reply:
+        """theta_g -> local training (head frozen) -> theta_k -> reference, sample, KL-ranked delta -> codec."""
+        m = self.model
+        m.set_head(head)
+        theta_k = train_mask(m.net, m.masks, thresholds_to_theta(thresholds), self.inputs, self.labels, task.local,
+                             train_seed(task.seed, name), progress)
+        upload = client_update(thresholds, theta_k, task.seed, name, task.kappa, get_codec(task.codec),
+                               task.reference)
+        return Reply(upload.payload, len(self.labels), upload.reference_digest, upload.delta, upload.kept)
+
+
+class Evaluator:
+    """Accuracy on held-out examples: the head alone (every weight kept) after the head phase; after a
+    mask round, with a mask sampled from theta (`eval_seed`) and with the expected mask theta * w."""
+
+    def __init__(self, model: Model, inputs: Inputs, labels) -> None:
+        self.model, self.inputs, self.labels = model, inputs, torch.as_tensor(labels)
+
+    def __call__(self, head: Head, thresholds: Optional[np.ndarray] = None, eval_seed: int = 0) -> Dict:
+        m = self.model
+        m.set_head(head)
+        if thresholds is None:
+            return {"accuracy": evaluate(m.net, m.masks, self.inputs, self.labels, mask=np.ones(m.d, dtype=bool))}
+        m.masks.set_theta(thresholds_to_theta(thresholds))
+        sampled = evaluate(m.net, m.masks, self.inputs, self.labels, mask=sample_mask(thresholds, eval_seed))
+        return {"accuracy": sampled, "accuracy_expected": evaluate(m.net, m.masks, self.inputs, self.labels)}
+
+
+__all__ = ["Evaluator", "LocalLearner", "Model", "Reply"]

@@ -1,0 +1,229 @@
+"""deltamask-sim: the federation in one process, run by the same round policy, aggregator and local learner
+as the coordinator and its agents (`deltamask.federation`, `deltamask.learn.learner`).
+
+    deltamask-sim --rounds 20 --clients 10 --codec bfuse8            # one JSON line a round on stdout
+
+A loop over the rounds the policy plans: a head round asks devices for their head share (a linear probe,
+or FiT-LDA statistics) and the aggregator combines them into the frozen head; a mask round sends the
+global theta (as wire bytes) to the selected devices, each trains and encodes its delta, and the server
+side rebuilds every mask (digest checked) into the Beta counts -> theta. Devices are named
+`client-000` .. and hold the parts of one Dirichlet split, as a demo fleet's agents do.
+"""
+import argparse
+import dataclasses
+import json
+import logging
+import sys
+import time
+from dataclasses import dataclass
+from typing import Dict, Iterator, List, Optional
+
+import numpy as np
+
+from deltamask.codecs import MASK as CARRIES_MASK
+from deltamask.codecs import decode as decode_payload
+from deltamask.codecs import get_codec
+from deltamask.errors import DeltaMaskError
+from deltamask.federation import HEAD, Aggregator, LocalTraining, Policy, device_task, head_bits, plan_round
+from deltamask.headwire import encode_head
+from deltamask.learn.masking import IDENTITY
+from deltamask.rounds import rebuild_client_mask
+from deltamask.sampling import reference_mask
+from deltamask.thetawire import decode_theta
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class SimConfig(Policy):
+    """The round policy (`deltamask.federation.Policy`, shared with the coordinator) plus the simulated
+    fleet: backbone, data and how it is split."""
+
+    backbone: str = "mobilenet_v2"
+    weights: Optional[str] = "default"
+    blocks: int = 5
+    image_size: int = 64
+    dataset: str = "fashion_mnist"
+    data_root: Optional[str] = None
+    train_samples: int = 6000  # a training subset, split over the clients
+    test_samples: int = 2000
+    clients: int = 10
+    alpha: float = 10.0  # Dirichlet concentration over classes (10: IID-like, 0.1: non-IID)
+    min_per_client: int = 10
+    estimator: str = IDENTITY
+
+    def names(self) -> List[str]:
+        return [client_name(k) for k in range(self.clients)]
+
+
+def client_name(k: int) -> str:
+    return f"client-{k:03d}"
+
+
+class Federation:
+    """The simulated fleet: one model, every device's learner, the aggregator and a held-out evaluator."""
+
+    def __init__(self, config: SimConfig) -> None:
+        from deltamask.data import device_share, load_dataset, seeded_subset
+        from deltamask.learn.learner import Evaluator, LocalLearner, Model
+
+        self.config = c = config
+        c.check()
+        train, test = load_dataset(c.dataset, "train", c.data_root), load_dataset(c.dataset, "test", c.data_root)
+        held = seeded_subset(len(test.labels), c.test_samples, c.seed + 1)
+        num_classes = int(max(train.labels.max(), test.labels.max())) + 1
+        self.model = Model(c.backbone, c.weights, c.blocks, c.image_size, num_classes, c.theta0, c.estimator)
+        started = time.perf_counter()
+        self.learners = {}
+        for k, name in enumerate(c.names()):
+            share = device_share(train.labels, c.train_samples, c.clients, k, c.alpha, c.min_per_client, c.seed)
+            self.learners[name] = LocalLearner(self.model, self.model.prefix(train.images[share]),
+                                               train.labels[share])
+        self.evaluate = Evaluator(self.model, self.model.prefix(test.images[held]), test.labels[held])
+        self.prefix_s = time.perf_counter() - started
+        self.d = self.model.d
+        self.agg = Aggregator(c, self.d, num_classes, self.model.feature_dim)
+        self.heads_done = self.masks_done = 0
+
+    def rounds(self, progress=None) -> Iterator[Dict]:
+        """Every round the policy plans, one summary each; a seeded Kaiming head is scored first."""
+        c = self.config
+        if c.head_phase_rounds == 0:
+            yield {"round": -1, "phase": HEAD, "head": c.head, "clients": 0, "uplink_bpp": 0.0,
+                   **self.evaluate(self.agg.head)}
+        index = 0
+        while True:
+            plan = plan_round(c, index, self.heads_done, self.masks_done, c.names())
+            if plan is None:
+                return
+            yield self.head_round(plan) if plan.phase == HEAD else self.mask_round(plan, progress)
+            index += 1
+
+    def head_round(self, plan) -> Dict:
+        c, started = self.config, time.perf_counter()
+        task = device_task(c, plan)
+        head = self.agg.head
+        shares = {}
+        for name in plan.selected:
+            reply = self.learners[name].work(task, name, head)
+            shares[name] = (self.agg.decode_share(reply.payload), reply.examples)
+        self.agg.close_head(shares)
+        self.heads_done += 1
+        bits = head_bits(c, self.agg.num_classes, self.agg.feature_dim)
+        return {"round": plan.index, "phase": HEAD, "head": c.head, "clients": len(plan.selected),
+                "uplink_bpp": bits / self.d, "head_sha256": _sha(encode_head(*self.agg.head)),
+                **self.evaluate(self.agg.head), "time_s": round(time.perf_counter() - started, 3)}
+
+    def mask_round(self, plan, progress=None) -> Dict:
+        c, d = self.config, self.d
+        task = device_task(c, plan)
+        wire = self.agg.theta_wire()
+        thresholds = decode_theta(wire, d)  # what every device receives
+        self.agg.open_mask(plan)
+        rows, times = [], {"train_s": 0.0, "decode_s": 0.0}
+        carries_mask = get_codec(c.codec).carries == CARRIES_MASK
+        for name in plan.selected:
+            started = time.perf_counter()
+            reply = self.learners[name].work(task, name, self.agg.head, thresholds)
+            trained = time.perf_counter()
+            packed, digest = rebuild_client_mask(decode_payload(reply.payload, d), thresholds, plan.seed, name,
+                                                 c.reference)
+            times["decode_s"] += time.perf_counter() - trained
+            times["train_s"] += trained - started
+            if digest != reply.reference_digest:
+                raise RuntimeError(f"{name}: reference digest mismatch")
+            self.agg.counts.add_packed(packed)
+            rebuilt = np.unpackbits(packed, bitorder="little")[:d].astype(bool)
+            applied = int(np.count_nonzero(rebuilt != reference_mask(thresholds, plan.seed, name, c.reference)))
+            rows.append({"bits": 8 * len(reply.payload), "delta": reply.delta, "kept": reply.kept,
+                         "applied": applied, "false": 0 if carries_mask else applied - reply.kept})
+            if progress is not None:
+                progress()
+        thresholds = self.agg.close_mask()
+        self.masks_done += 1
+        started = time.perf_counter()
+        scores = self.evaluate(self.agg.head, thresholds, plan.eval_seed)
+        return {"round": plan.index, "phase": "mask", "kappa": round(plan.kappa, 4), "clients": len(plan.selected),
+                **scores, "uplink_bpp": float(np.mean([x["bits"] for x in rows])) / d,
+                "downlink_bpp": 8 * len(wire) / d,
+                "delta_fraction": float(np.mean([x["delta"] for x in rows])) / d,
+                "kept": float(np.mean([x["kept"] for x in rows])),
+                "flips_applied": float(np.mean([x["applied"] for x in rows])),
+                "false_flips": float(np.mean([x["false"] for x in rows])),
+                "theta_mean": float(thresholds.mean() / (1 << 24)),
+                "theta_sha256": _sha(self.agg.theta_wire()),
+                **{key: round(v, 3) for key, v in times.items()},
+                "eval_s": round(time.perf_counter() - started, 3)}
+
+
+def run(config: SimConfig, progress: bool = True) -> Iterator[Dict]:
+    """Yield one dict a round: the head phase, then `config.rounds` mask rounds."""
+    fed = Federation(config)
+    log.info("d = %d masked parameters; prefix outputs computed once in %.1f s", fed.d, fed.prefix_s)
+    from deltamask.federation import clients_per_round
+
+    bar = _progress(config.rounds * clients_per_round(config.rho, config.clients, config.min_quorum), progress)
+    first = True
+    for row in fed.rounds(progress=bar.update if bar else None):
+        if first:
+            row = {**row, "d": fed.d, "prefix_s": round(fed.prefix_s, 3)}
+            first = False
+        yield row
+    if bar:
+        bar.close()
+
+
+def _sha(data: bytes) -> str:
+    from deltamask.transfer import sha256_hex
+
+    return sha256_hex(data)
+
+
+def _progress(total: int, enabled: bool):
+    if not enabled:
+        return None
+    try:
+        from tqdm import tqdm
+    except ImportError:
+        return None
+    return tqdm(total=total, desc="client updates", unit="client", file=sys.stderr)
+
+
+LOCAL_FLAGS = {f.name: f.name for f in dataclasses.fields(LocalTraining)}  # --epochs, --lr, ... set `local`
+
+
+def parse_args(argv: Optional[List[str]] = None) -> SimConfig:
+    parser = argparse.ArgumentParser(prog="deltamask-sim", description=__doc__.split("\n")[0])
+    defaults = SimConfig()
+    fields = [f for f in dataclasses.fields(SimConfig) if f.name != "local"] + list(dataclasses.fields(LocalTraining))
+    for f in fields:
+        default = getattr(defaults.local if f.name in LOCAL_FLAGS else defaults, f.name)
+        kind = {int: int, float: float}.get(type(default), str)
+        parser.add_argument("--" + f.name.replace("_", "-"), type=kind, default=default, help=f"default: {default}")
+    args = vars(parser.parse_args(argv))
+    if args["weights"] in ("none", "None", ""):
+        args["weights"] = None
+    local = LocalTraining(**{k: args.pop(k) for k in LOCAL_FLAGS})
+    return SimConfig(**args, local=local)
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    logging.basicConfig(level=logging.INFO, stream=sys.stderr, format="%(asctime)s %(levelname)s %(message)s")
+    try:
+        config = parse_args(argv)
+        config.check()
+    except ValueError as exc:
+        print(f"deltamask-sim: error: {exc}", file=sys.stderr)
+        return 2
+    print(json.dumps({"config": dataclasses.asdict(config)}), flush=True)
+    try:
+        for row in run(config):
+            print(json.dumps(row), flush=True)
+    except DeltaMaskError as exc:  # a missing dataset or weight file, an empty client: say what, no traceback
+        print(f"deltamask-sim: error: {exc}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
