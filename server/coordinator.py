@@ -378,6 +378,11 @@ class Coordinator:
             summary["uplink_bpp"] = float(np.mean(list(up.values()))) if up else 0.0
         self.wire, self.thresholds = wire, thresholds
         self.theta_digest = theta_digest(wire)
+        if state == "closed":  # what the round produced, to compare with the simulator's (parity)
+            if r.phase == HEAD:
+                summary["head_sha256"] = sha256_hex(encode_head(*self.agg.head))
+            else:
+                summary["theta_sha256"] = self.theta_digest
         summary["close_s"] = round(time.perf_counter() - started, 4)
         if r.last_upload:
             summary["round_close_s"] = round(time.perf_counter() - r.last_upload, 4)
