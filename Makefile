@@ -17,7 +17,13 @@ EDGE_TESTS := tests/test_transfer.py tests/test_config_files.py tests/test_proto
 	tests/test_aggregation.py tests/codecs tests/test_energy.py tests/test_integration.py tests/test_deploy.py \
 	tests/test_masking.py tests/test_training.py tests/test_coordinator.py tests/test_sim.py
 
-.PHONY: test test-edge install data demo bench-codecs bench-thetawire bench-prefix bench-round proto clean
+# The core without torch: what `pip install .` gives (deltamask/ but deltamask/learn/, the coordinator's round
+# machinery). Its tests run where torch cannot be imported at all.
+CORE_VENV ?= .venv-core
+CORE_TESTS := tests/test_layering.py tests/test_federation.py tests/test_coordinator.py tests/test_sampling.py \
+	tests/test_thetawire.py tests/test_delta.py tests/test_rounds.py tests/test_aggregation.py tests/codecs
+
+.PHONY: test test-edge test-core install data demo bench-codecs bench-thetawire bench-prefix bench-round proto clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -55,8 +61,19 @@ test-edge: install $(EDGE_VENV)/.installed
 	$(EDGE_VENV)/bin/python -c "import sys, grpc, google.protobuf as p; print('edge environment: Python', sys.version.split()[0], 'grpcio', grpc.__version__, 'protobuf', p.__version__)"
 	DELTAMASK_SERVER_PYTHON=$(abspath $(BIN)/python) HF_HUB_OFFLINE=1 $(EDGE_VENV)/bin/python -m pytest -q -p no:cacheprovider $(EDGE_TESTS)
 
+$(CORE_VENV)/.installed: pyproject.toml Makefile
+	$(PYTHON) -m venv $(CORE_VENV)
+	$(CORE_VENV)/bin/python -m pip install --quiet --upgrade pip
+	$(CORE_VENV)/bin/python -m pip install --quiet -e . "pytest>=7" "hypothesis>=6" "pypng>=0.20220715"
+	touch $@
+
+test-core: $(CORE_VENV)/.installed
+	@! $(CORE_VENV)/bin/python -c "import torch" 2>/dev/null || { echo "$(CORE_VENV) must not have torch"; exit 1; }
+	$(CORE_VENV)/bin/python -m pytest -q -p no:cacheprovider $(CORE_TESTS)
+
 test: install data
 	HF_HUB_OFFLINE=1 $(BIN)/python -m pytest -q
+	$(MAKE) test-core
 	$(MAKE) test-edge
 
 # a coordinator and 3 edge agents on localhost: MobileNetV2 + Fashion-MNIST, a few rounds
@@ -80,4 +97,4 @@ bench-prefix: install
 	HF_HUB_OFFLINE=1 $(BIN)/python benchmarks/prefix_cache.py
 
 clean:
-	rm -rf $(VENV) $(EDGE_VENV) build *.egg-info .pytest_cache .hypothesis
+	rm -rf $(VENV) $(EDGE_VENV) $(CORE_VENV) build *.egg-info .pytest_cache .hypothesis

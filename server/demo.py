@@ -16,6 +16,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import Dict, List, Optional
 
 import yaml
 
@@ -28,15 +29,16 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def write_configs(folder: Path, args) -> Path:
+def write_configs(folder: Path, args, names: str = "demo-{}", policy: Optional[Dict] = None) -> Path:
+    """server.yaml and client<i>.yaml in `folder`; `policy` overrides round-policy keys (benchmarks/parity.py)."""
     port = free_port()
     server = {"listen": f"127.0.0.1:{port}", "state_dir": str(folder / "state"), "backbone": "mobilenet_v2",
               "image_size": 64, "num_classes": 10, "expected_clients": CLIENTS, "min_quorum": CLIENTS,
               "rounds": args.rounds, "round_deadline_s": 900, "heartbeat_interval_s": 5, "exit_when_done": True,
-              "evaluation": {"dataset": "fashion_mnist", "root": args.data_root, "samples": 1000}}
+              "evaluation": {"dataset": "fashion_mnist", "root": args.data_root, "samples": 1000}, **(policy or {})}
     (folder / "server.yaml").write_text(yaml.safe_dump(server))
     for i in range(CLIENTS):
-        client = {"name": f"demo-{i}", "server": f"127.0.0.1:{port}", "kind": "laptop",
+        client = {"name": names.format(i), "server": f"127.0.0.1:{port}", "kind": "laptop",
                   "cache_dir": str(folder / "prefix-cache"), "progress": False,
                   "data": {"dataset": "fashion_mnist", "root": args.data_root, "samples": args.samples,
                            "clients": CLIENTS, "index": i, "alpha": 10.0}}
@@ -44,7 +46,10 @@ def write_configs(folder: Path, args) -> Path:
     return folder
 
 
-def run(folder: Path) -> int:
+def run(folder: Path, rows: Optional[List[Dict]] = None, out=None) -> int:
+    """Start the coordinator and the agents from `folder`'s configs, print a line a round (and append each
+    round's summary to `rows`) to `out` (stdout); 0 when every process finished cleanly."""
+    out = out or sys.stdout
     root = Path(__file__).resolve().parents[1]
     env = {**os.environ, "PYTHONPATH": str(root), "HF_HUB_OFFLINE": os.environ.get("HF_HUB_OFFLINE", "1"),
            "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1")}  # four processes share the cores
@@ -57,19 +62,21 @@ def run(folder: Path) -> int:
     started = time.monotonic()
     server = spawn("server", "server.cli", stdout=subprocess.PIPE)
     clients = [spawn(f"client{i}", "edge_client.cli") for i in range(CLIENTS)]
-    print(f"coordinator and {CLIENTS} edge agents started; logs in {folder}", flush=True)
+    print(f"coordinator and {CLIENTS} edge agents started; logs in {folder}", file=out, flush=True)
     print(f"{'round':>5} {'phase':>5} {'state':>7} {'clients':>7} {'accuracy':>8} {'uplink bpp':>10} "
-          f"{'downlink bpp':>12} {'elapsed':>8}", flush=True)
+          f"{'downlink bpp':>12} {'elapsed':>8}", file=out, flush=True)
     accuracies = []
     try:
         for line in server.stdout:
             row = json.loads(line)
+            if rows is not None:
+                rows.append(row)
             accuracy = row.get("accuracy")
             if accuracy is not None and row["phase"] == "mask":
                 accuracies.append(accuracy)
             print(f"{row['round']:>5} {row['phase']:>5} {row['state']:>7} {row['received']:>3}/{row['selected']:<3} "
                   f"{accuracy if accuracy is not None else float('nan'):>8.4f} {row['uplink_bpp']:>10.4f} "
-                  f"{row['downlink_bpp']:>12.4f} {time.monotonic() - started:>7.0f}s", flush=True)
+                  f"{row['downlink_bpp']:>12.4f} {time.monotonic() - started:>7.0f}s", file=out, flush=True)
         codes = [server.wait()] + [c.wait(timeout=60) for c in clients]
     finally:
         for p in [server, *clients]:
@@ -84,7 +91,7 @@ def run(folder: Path) -> int:
     if len(accuracies) >= 2:
         print(f"accuracy over the mask rounds: {accuracies[0]:.4f} -> {accuracies[-1]:.4f} "
               f"({'rose' if accuracies[-1] > accuracies[0] else 'did not rise'}); "
-              f"{time.monotonic() - started:.0f} s in all")
+              f"{time.monotonic() - started:.0f} s in all", file=out)
     return 0
 
 

@@ -1,0 +1,114 @@
+"""The round policy and the aggregator: NumPy only (this file also runs where torch is not installed)."""
+import numpy as np
+import pytest
+
+from deltamask.aggregation import BetaCounts
+from deltamask.errors import PayloadError
+from deltamask.federation import (HEAD, MASK, Aggregator, LocalTraining, Policy, average_heads, clients_per_round,
+                                  device_task, kaiming_head, lda_head, plan_round, train_seed)
+from deltamask.headwire import LdaStats, decode_lda_stats, encode_head, encode_lda_stats, lda_stats_nbytes
+from deltamask.sampling import theta_to_thresholds
+
+NAMES = [f"dev-{i:02d}" for i in range(30)]
+
+
+def test_k_is_rho_of_the_eligible_at_least_the_quorum_at_most_all():
+    assert clients_per_round(0.2, 30) == 6 and clients_per_round(0.2, 30, min_quorum=8) == 8
+    assert clients_per_round(1.0, 3, min_quorum=5) == 3 and clients_per_round(0.01, 30) == 1
+
+
+def test_a_plan_depends_on_the_names_not_their_order_and_changes_with_the_round():
+    policy = Policy(rho=0.2, rounds=10)
+    a = plan_round(policy, 4, 1, 3, NAMES)
+    b = plan_round(policy, 4, 1, 3, list(reversed(NAMES)))
+    assert a == b and a.phase == MASK and len(a.selected) == 6 and list(a.selected) == sorted(a.selected)
+    assert plan_round(policy, 5, 1, 4, NAMES).selected != a.selected
+    assert a.reset == (3 % 5 == 0) and plan_round(policy, 6, 1, 5, NAMES).reset  # every ceil(1/rho) = 5 rounds
+    assert train_seed(a.seed, "dev-01") != train_seed(a.seed, "dev-02") and a.eval_seed != a.seed
+
+
+def test_head_phase_lengths_and_the_end_of_the_federation():
+    assert plan_round(Policy(head="lda"), 0, 0, 0, NAMES).phase == HEAD
+    assert plan_round(Policy(head="lda"), 1, 1, 0, NAMES).phase == MASK
+    assert plan_round(Policy(head="kaiming"), 0, 0, 0, NAMES).phase == MASK
+    probe = Policy(head="linear_probe", head_rounds=3, head_rho=0.5)
+    assert [plan_round(probe, i, i, 0, NAMES).phase for i in range(4)] == [HEAD, HEAD, HEAD, MASK]
+    assert len(plan_round(probe, 0, 0, 0, NAMES).selected) == 15
+    assert plan_round(Policy(rounds=2), 9, 1, 2, NAMES) is None
+    task = device_task(probe, plan_round(probe, 0, 0, 0, NAMES))
+    assert task.head == "linear_probe" and task.local == LocalTraining()
+
+
+@pytest.mark.parametrize("bad", [dict(head="svm"), dict(rho=0), dict(head_rho=1.5), dict(lda_covariance="lowrank"),
+                                 dict(local=LocalTraining(loss="focal")), dict(theta0=1.0), dict(rounds=0)])
+def test_a_bad_policy_is_refused_with_the_key_named(bad):
+    with pytest.raises(ValueError, match=next(iter(bad)) if "local" not in bad else "loss"):
+        Policy(**bad).check()
+
+
+def gaussian(n, features=6, classes=3, seed=0):
+    rng = np.random.default_rng(seed)
+    labels = rng.integers(0, classes, n)
+    x = rng.normal(0, 3, (classes, features))[labels] + rng.normal(0, 1, (n, features))
+    return x, labels
+
+
+def stats(x, labels, classes=3, covariance="diag"):
+    sums = np.zeros((classes, x.shape[1]))
+    np.add.at(sums, labels, x)
+    second = (x * x).sum(0) if covariance == "diag" else x.T @ x
+    return LdaStats(sums, np.bincount(labels, minlength=classes).astype(float), second)
+
+
+@pytest.mark.parametrize("covariance", ["diag", "full"])
+def test_lda_stats_travel_in_float32_and_the_head_does_not_depend_on_the_split(covariance):
+    x, y = gaussian(900)
+    shares = [stats(x[i::3], y[i::3], covariance=covariance) for i in range(3)]
+    wire = [encode_lda_stats(s, covariance) for s in shares]
+    assert all(len(w) == lda_stats_nbytes(3, 6, covariance) for w in wire)
+    back = [decode_lda_stats(w, 3, 6, covariance) for w in wire]
+    split, whole = lda_head(back), lda_head([stats(x, y, covariance=covariance)])
+    assert np.allclose(split[0], whole[0], rtol=1e-4, atol=1e-4) and np.allclose(split[1], whole[1], atol=1e-3)
+    assert ((x @ whole[0].T + whole[1]).argmax(1) == y).mean() > 0.95
+    with pytest.raises(PayloadError):
+        decode_lda_stats(wire[0][:-4], 3, 6, covariance)
+
+
+def test_the_aggregator_combines_replies_in_name_order_whatever_their_arrival():
+    policy = Policy(head="linear_probe")
+    agg = Aggregator(policy, 64, 3, 6)
+    rng = np.random.default_rng(1)
+    heads = {f"d{i}": ((rng.normal(size=(3, 6)).astype(np.float32), rng.normal(size=3).astype(np.float32)), i + 1)
+             for i in range(4)}
+    decoded = {n: (agg.decode_share(encode_head(*h)), w) for n, (h, w) in heads.items()}
+    forward = agg.close_head(decoded)
+    backward = agg.close_head(dict(reversed(list(decoded.items()))))
+    assert all(np.array_equal(a, b) for a, b in zip(forward, backward))
+    expect = average_heads([h for h, _ in heads.values()], [w for _, w in heads.values()])
+    assert np.allclose(forward[0], expect[0]) and forward[0].dtype == np.float32
+
+
+def test_mask_rounds_reset_the_counts_on_schedule_and_theta_is_the_counts_mode():
+    policy = Policy(rho=0.5, rounds=4, theta0=0.9)
+    agg = Aggregator(policy, 40, 3, 6)
+    assert np.array_equal(agg.thresholds, theta_to_thresholds(np.full(40, 0.9)))
+    masks = np.random.default_rng(2).random((2, 40)) < 0.5
+    for m in masks:
+        agg.counts.add(m)
+    agg.open_mask(plan_round(policy, 1, 1, 0, NAMES))  # mask round 0: reset due
+    assert agg.counts.masks == 0
+    for m in masks:
+        agg.counts.add(m)
+    agg.open_mask(plan_round(policy, 2, 1, 1, NAMES))  # mask round 1: no reset (period 2)
+    assert agg.counts.masks == 2
+    reference = BetaCounts(40)
+    for m in masks:
+        reference.add(m)
+    assert np.array_equal(agg.close_mask(), theta_to_thresholds(reference.theta()))
+
+
+def test_the_kaiming_head_comes_from_the_seed_within_torchs_default_bound():
+    w, b = kaiming_head(100, 10, seed=3)
+    assert np.array_equal(w, kaiming_head(100, 10, seed=3)[0]) and not np.array_equal(w, kaiming_head(100, 10, 4)[0])
+    assert np.abs(w).max() <= 0.1 and np.abs(w).max() > 0.09 and not b.any()
+    assert Aggregator(Policy(head="kaiming", seed=3), 10, 10, 100).head[0].tobytes() == w.tobytes()
