@@ -1,0 +1,83 @@
+"""The agent survives the wire: a corrupt theta transfer or a theta whose digest differs from the task's is
+fetched again, then the round is skipped with a warning; the agent goes on to the next round and exits 0.
+A real coordinator over a loopback socket, with a FetchTheta that corrupts what it sends."""
+import logging
+import threading
+
+import pytest
+
+from deltamask.v1 import coordinator_pb2 as pb
+from edge_client.agent import Agent
+from edge_client.config import AgentConfig, DataConfig
+from server import service
+from server.config import ServerConfig
+from server.coordinator import Coordinator
+from server.evaluation import model_facts
+from server.store import Store
+
+
+class Corrupting(service.CoordinatorService):
+    """Serves theta with one byte flipped (for the rounds in `corrupt`), or a digest the task does not name."""
+
+    corrupt = {1}
+    fetches = []
+
+    def FetchTheta(self, request, context):
+        self.fetches.append(request.round)
+        for chunk in super().FetchTheta(request, context):
+            if request.round in self.corrupt and chunk.data:
+                chunk = pb.Chunk(total_length=chunk.total_length, sha256=chunk.sha256, offset=chunk.offset,
+                                 data=bytes([chunk.data[0] ^ 1]) + chunk.data[1:])
+            yield chunk
+
+
+@pytest.fixture(params=["lda"])
+def coordinator(request, tmp_path, monkeypatch):
+    monkeypatch.setattr(service, "CoordinatorService", Corrupting)
+    Corrupting.fetches, Corrupting.corrupt = [], {1}
+    config = ServerConfig(state_dir=str(tmp_path / "state"), backbone="tiny", weights=None, image_size=16,
+                          expected_clients=1, min_quorum=1, rounds=2, round_deadline_s=4, heartbeat_interval_s=2,
+                          codec="exact", head=request.param)
+    c = Coordinator(config, model_facts(config), Store(config.state_dir))
+    server = service.Server(c, "127.0.0.1:0")
+    server.start()
+    rounds = threading.Thread(target=c.run, daemon=True)
+    rounds.start()
+    yield c, server.port
+    server.stop(0)
+    rounds.join(5)
+    c.store.close()
+
+
+def test_a_corrupt_theta_is_fetched_again_then_its_round_skipped_and_the_agent_goes_on(coordinator, tmp_path,
+                                                                                         caplog):
+    c, port = coordinator
+    agent = Agent(AgentConfig(name="pi-1", server=f"127.0.0.1:{port}", weights=None, progress=False,
+                              cache_dir=str(tmp_path / "cache"), task_wait_s=1, max_backoff_s=0.5,
+                              data=DataConfig(dataset="digits", samples=300)))
+    with caplog.at_level(logging.WARNING, logger="edge_client.agent"):
+        assert agent.run() == 0  # not a traceback exit: the coordinator said DONE
+    states = [(h["round"], h["phase"], h["state"]) for h in c.history]
+    assert states[:2] == [(0, "head", "closed"), (1, "mask", "skipped")]  # nothing intact came for round 1
+    assert [s for _, p, s in states if p == "mask"].count("closed") == 2
+    assert Corrupting.fetches.count(1) == 3 and 2 in Corrupting.fetches  # three tries, then the next round
+    assert "theta transfer 1 of 3 is corrupt" in caplog.text and "skipping the round" in caplog.text
+
+
+@pytest.mark.parametrize("coordinator", ["kaiming"], indirect=True)  # no head phase: round 0 is a mask round
+def test_a_theta_digest_other_than_the_tasks_is_refetched_then_the_round_is_given_up(coordinator, tmp_path):
+    from edge_client.agent import RoundSkipped
+
+    c, port = coordinator
+    Corrupting.corrupt = set()
+    agent = Agent(AgentConfig(name="pi-2", server=f"127.0.0.1:{port}", weights=None, progress=False,
+                              cache_dir=str(tmp_path / "cache"), data=DataConfig(dataset="digits", samples=300)))
+    agent.register()
+    agent.d = agent.registration.d
+    c.step()  # nothing open yet: the device is not ready
+    c.step()
+    task = agent.next_task(-1)
+    assert task.phase == pb.MASK
+    wrong = pb.Task(phase=pb.MASK, round=task.round, theta_digest="0" * 64)
+    with pytest.raises(RoundSkipped, match="no intact theta after 3 tries"):
+        agent.fetch_theta(wrong)
