@@ -18,7 +18,7 @@ from typing import Mapping, Optional, Sequence, Tuple
 
 import numpy as np
 
-from deltamask.aggregation import MEAN, MODE, BetaCounts, reset_due
+from deltamask.aggregation import DELTA, MEAN, MODE, BetaCounts, FlipSums, reset_due
 from deltamask.codecs import CODECS
 from deltamask.delta import cosine_kappa
 from deltamask.headwire import LDA_COVARIANCES, LdaStats, decode_head, decode_lda_stats
@@ -66,7 +66,8 @@ class Policy:
     head: str = LDA  # linear_probe | lda | kaiming (docs/results.md: the head phase)
     head_rounds: int = 1  # linear probing: FedAvg rounds (lda needs one, kaiming none)
     head_rho: float = 1.0  # fraction of the eligible devices asked each head round
-    lda_covariance: str = "diag"  # what an LDA share carries of the second moments: diag | full
+    lda_covariance: str = "projected"  # LDA second moments sent: full | diag | projected (docs/results.md)
+    lda_rank: int = 256  # projected: the rank of the seeded projection
     lda_shrinkage: float = 0.1  # LDA: covariance shrunk towards its mean variance
     codec: str = "bfuse8"
     kappa_start: float = 0.8
@@ -83,13 +84,15 @@ class Policy:
             raise ValueError(f"codec {self.codec!r} is not one of {', '.join(CODECS)}")
         if self.reference not in (PER_CLIENT, SHARED):
             raise ValueError(f"reference must be {PER_CLIENT!r} or {SHARED!r}, got {self.reference!r}")
-        if self.theta_formula not in (MODE, MEAN):
-            raise ValueError(f"theta_formula must be {MODE!r} or {MEAN!r}, got {self.theta_formula!r}")
+        if self.theta_formula not in (MODE, MEAN, DELTA):
+            raise ValueError(f"theta_formula must be {MODE!r}, {MEAN!r} or {DELTA!r}, got {self.theta_formula!r}")
         if self.head not in HEADS:
             raise ValueError(f"head must be one of {', '.join(HEADS)}, got {self.head!r}")
         if self.lda_covariance not in LDA_COVARIANCES:
             raise ValueError(f"lda_covariance must be one of {', '.join(LDA_COVARIANCES)}, "
                              f"got {self.lda_covariance!r}")
+        if self.lda_covariance == "projected" and self.lda_rank < 1:
+            raise ValueError(f"lda_rank must be at least 1, got {self.lda_rank}")
         if not 0 <= self.lda_shrinkage <= 1:
             raise ValueError(f"lda_shrinkage must lie in [0, 1], got {self.lda_shrinkage}")
         for key in ("rho", "head_rho"):
@@ -154,13 +157,14 @@ class DeviceTask:
     codec: str = "bfuse8"
     reference: str = PER_CLIENT
     head: str = LDA
-    lda_covariance: str = "diag"
+    lda_covariance: str = "projected"
+    lda_rank: int = 256
     local: LocalTraining = field(default_factory=LocalTraining)
 
 
 def device_task(policy: Policy, plan: RoundPlan) -> DeviceTask:
     return DeviceTask(plan.phase, plan.index, plan.seed, plan.kappa, policy.codec, policy.reference, policy.head,
-                      policy.lda_covariance, policy.local)
+                      policy.lda_covariance, policy.lda_rank, policy.local)
 
 
 def eval_seed(round_seed: int) -> int:
@@ -197,7 +201,11 @@ class Aggregator:
 
     def __init__(self, policy: Policy, d: int, num_classes: int, feature_dim: int) -> None:
         self.policy, self.d, self.num_classes, self.feature_dim = policy, int(d), num_classes, feature_dim
+        if policy.head == LDA and policy.lda_covariance == "projected" and policy.lda_rank >= feature_dim > 0:
+            raise ValueError(f"lda_rank {policy.lda_rank} is not below the feature size {feature_dim}: use "
+                             f"lda_covariance: full")
         self.counts = BetaCounts(self.d, policy.lambda0)
+        self.flips = FlipSums(self.d) if policy.theta_formula == DELTA else None
         self.thresholds = theta_to_thresholds(np.full(self.d, policy.theta0))
         self.head: Optional[Head] = kaiming_head(feature_dim, num_classes, policy.seed) \
             if policy.head == KAIMING else None
@@ -205,16 +213,21 @@ class Aggregator:
     # --- head phase ---------------------------------------------------------------------------------
     def decode_share(self, payload: bytes):
         """A device's head-round reply, checked: a linear head, or LDA statistics (PayloadError if bad)."""
-        if self.policy.head == LDA:
-            return decode_lda_stats(payload, self.num_classes, self.feature_dim, self.policy.lda_covariance)
+        p = self.policy
+        if p.head == LDA:
+            return decode_lda_stats(payload, self.num_classes, self.feature_dim, p.lda_covariance, p.lda_rank)
         return decode_head(payload, self.num_classes, self.feature_dim)
 
-    def close_head(self, shares: Mapping[str, Tuple[object, float]]) -> Head:
+    def close_head(self, shares: Mapping[str, Tuple[object, float]], round_seed: int) -> Head:
         """Combine {name: (share, examples)} in name order: FedAvg of linear heads weighted by examples,
-        or the LDA head from the summed statistics."""
+        or the LDA head from the summed statistics (`round_seed`: the head round's, for the projection)."""
         ordered = [shares[name] for name in sorted(shares)]
-        if self.policy.head == LDA:
-            self.head = lda_head([s for s, _ in ordered], self.policy.lda_shrinkage)
+        p = self.policy
+        if p.head == LDA:
+            weight, bias = lda_head([s for s, _ in ordered], p.lda_shrinkage)
+            if p.lda_covariance == "projected":  # a head over P'x is the head W P' over x
+                weight = (weight.astype(np.float64) @ lda_projection(self.feature_dim, p.lda_rank, round_seed).T)
+            self.head = weight.astype(np.float32), bias
         else:
             self.head = average_heads([s for s, _ in ordered], [w for _, w in ordered])
         return self.head
@@ -223,10 +236,22 @@ class Aggregator:
     def open_mask(self, plan: RoundPlan) -> None:
         if plan.reset:
             self.counts.reset()
+            if self.flips is not None:
+                self.flips.reset()
+
+    def add_mask(self, mask: np.ndarray, reference: np.ndarray) -> None:
+        """One device's rebuilt mask (bool, length d) and the reference it was rebuilt from."""
+        self.counts.add(mask)
+        if self.flips is not None:
+            self.flips.add(mask, reference, self.thresholds)
+            self.flips.count_masks(1)
 
     def close_mask(self) -> np.ndarray:
         """theta (wire thresholds) from the counts; it becomes the next round's global theta."""
-        self.thresholds = self.counts.thresholds(self.policy.theta_formula, previous=self.thresholds)
+        if self.flips is not None:
+            self.thresholds = self.flips.thresholds(self.thresholds)
+        else:
+            self.thresholds = self.counts.thresholds(self.policy.theta_formula, previous=self.thresholds)
         return self.thresholds
 
     def theta_wire(self) -> bytes:
@@ -269,6 +294,13 @@ def lda_head(stats: Sequence[LdaStats], shrinkage: float = 0.1) -> Head:
     return precision_means.astype(np.float32), bias.astype(np.float32)
 
 
+def lda_projection(feature_dim: int, rank: int, round_seed: int) -> np.ndarray:
+    """P (features x rank, float64): the seeded Gaussian projection every party of a head round draws for
+    projected LDA, entries N(0, 1/rank)."""
+    rng = np.random.default_rng(derived_seed("lda-projection", round_seed))
+    return rng.standard_normal((feature_dim, rank)) / np.sqrt(rank)
+
+
 def kaiming_head(feature_dim: int, num_classes: int, seed: int = 0) -> Head:
     """A frozen random head every party derives from the federation seed: weights uniform in
     +-1/sqrt(features) (Kaiming uniform with a = sqrt(5), torch's nn.Linear default), zero bias."""
@@ -283,11 +315,12 @@ def head_bits(policy: Policy, num_classes: int, feature_dim: int) -> int:
     from deltamask.headwire import head_nbytes, lda_stats_nbytes
 
     if policy.head == LDA:
-        return 8 * lda_stats_nbytes(num_classes, feature_dim, policy.lda_covariance)
+        return 8 * lda_stats_nbytes(num_classes, feature_dim, policy.lda_covariance, policy.lda_rank)
     return 0 if policy.head == KAIMING else 8 * head_nbytes(num_classes, feature_dim)
 
 
 __all__ = ["Aggregator", "CROSS_ENTROPY", "HEAD", "HEADS", "Head", "KAIMING", "LDA", "LINEAR_PROBE",
            "LOCAL_CLASSES", "LOSSES", "LocalTraining", "MASK", "DeviceTask", "Policy", "RoundPlan", "average_heads",
-           "clients_per_round", "derived_seed", "device_task", "eval_seed", "head_bits", "kaiming_head", "lda_head", "plan_round",
+           "clients_per_round", "derived_seed", "device_task", "eval_seed", "head_bits", "kaiming_head", "lda_head",
+           "lda_projection", "plan_round",
            "train_seed"]

@@ -35,52 +35,67 @@ def decode_head(data: bytes, num_classes: int, feature_dim: int) -> Tuple[np.nda
 
 
 # --- FiT-LDA statistics: a device's head-round reply when the head is LDA --------------------------------
-# Little-endian: per-class feature sums float32 (classes x features, row-major), per-class counts uint32
-# (classes), then the second moments float32: "diag" the per-feature sums of squares (features), "full"
-# the upper triangle of sum x x' row by row (features * (features + 1) / 2).
-LDA_COVARIANCES = ("diag", "full")
+# Little-endian: per-class sums float32 (classes x k, row-major), per-class counts uint32 (classes), then
+# the second moments: "diag" the per-feature sums of squares, float32 (k); "full" and "projected" the upper
+# triangle, row by row, of the MEAN second moment sum x x' / n, float16 (k (k + 1) / 2; the mean keeps
+# float16 in range, the counts give n back). k is the feature size, or for "projected" the rank r of the
+# seeded projection x -> P'x every party draws (deltamask.federation.lda_projection).
+LDA_COVARIANCES = ("diag", "full", "projected")
 
 
 @dataclass(frozen=True)
 class LdaStats:
-    sums: np.ndarray  # (classes, features)
+    sums: np.ndarray  # (classes, k)
     counts: np.ndarray  # (classes,)
-    second: np.ndarray  # (features,) for diag, (features, features) for full
+    second: np.ndarray  # sum of x x': (k,) its diagonal for "diag", else (k, k)
 
 
-def lda_stats_nbytes(num_classes: int, feature_dim: int, covariance: str) -> int:
-    second = feature_dim if covariance == "diag" else feature_dim * (feature_dim + 1) // 2
-    return 4 * (num_classes * feature_dim + num_classes + second)
+def lda_width(feature_dim: int, covariance: str, rank: int) -> int:
+    """k: the size of the vectors the statistics are over."""
+    return rank if covariance == "projected" else feature_dim
+
+
+def lda_stats_nbytes(num_classes: int, feature_dim: int, covariance: str, rank: int = 0) -> int:
+    k = lda_width(feature_dim, covariance, rank)
+    second = 4 * k if covariance == "diag" else 2 * (k * (k + 1) // 2)
+    return 4 * (num_classes * k + num_classes) + second
 
 
 def encode_lda_stats(stats: LdaStats, covariance: str) -> bytes:
-    sums = np.asarray(stats.sums, dtype="<f4")
+    sums, counts = np.asarray(stats.sums, dtype="<f4"), np.asarray(stats.counts)
     second = np.asarray(stats.second, dtype=np.float64)
-    if covariance == "full":
-        second = second[np.triu_indices(len(second))] if second.ndim == 2 else second
-    elif second.ndim == 2:
-        second = np.diagonal(second)
-    return sums.tobytes() + np.asarray(stats.counts, dtype="<u4").tobytes() + second.astype("<f4").tobytes()
+    if covariance == "diag":
+        tail = (np.diagonal(second) if second.ndim == 2 else second).astype("<f4")
+    else:
+        mean = second / max(1.0, float(counts.sum()))
+        tail = mean[np.triu_indices(len(mean))].astype("<f2")
+        if not np.isfinite(tail).all():
+            raise ValueError("mean second moments beyond float16's range: scale the features")
+    return sums.tobytes() + counts.astype("<u4").tobytes() + tail.tobytes()
 
 
-def decode_lda_stats(data: bytes, num_classes: int, feature_dim: int, covariance: str) -> LdaStats:
-    """LdaStats (float64 arrays); PayloadError for a wrong length or a non-finite value."""
+def decode_lda_stats(data: bytes, num_classes: int, feature_dim: int, covariance: str, rank: int = 0) -> LdaStats:
+    """LdaStats (float64 arrays, second moments as sums); PayloadError for a wrong length, a non-finite
+    value or no examples."""
     if covariance not in LDA_COVARIANCES:
         raise ValueError(f"covariance must be one of {LDA_COVARIANCES}, got {covariance!r}")
-    expected = lda_stats_nbytes(num_classes, feature_dim, covariance)
+    expected = lda_stats_nbytes(num_classes, feature_dim, covariance, rank)
     if len(data) != expected:
         raise PayloadError(f"LDA statistics of {len(data)} bytes; {num_classes} classes x {feature_dim} features "
-                           f"({covariance}) need {expected}")
-    split = num_classes * feature_dim
-    sums = np.frombuffer(data, "<f4", split).astype(np.float64).reshape(num_classes, feature_dim)
+                           f"({covariance}, rank {rank}) need {expected}")
+    k = lda_width(feature_dim, covariance, rank)
+    split = num_classes * k
+    sums = np.frombuffer(data, "<f4", split).astype(np.float64).reshape(num_classes, k)
     counts = np.frombuffer(data, "<u4", num_classes, 4 * split).astype(np.float64)
-    rest = np.frombuffer(data, "<f4", offset=4 * (split + num_classes)).astype(np.float64)
+    rest = np.frombuffer(data, "<f4" if covariance == "diag" else "<f2", offset=4 * (split + num_classes))
+    rest = rest.astype(np.float64)
     if not (np.isfinite(sums).all() and np.isfinite(rest).all()):
         raise PayloadError("LDA statistics hold NaN or infinite values")
-    if covariance == "full":
-        second = np.zeros((feature_dim, feature_dim))
-        second[np.triu_indices(feature_dim)] = rest
-        second = second + np.triu(second, 1).T
-    else:
-        second = rest
+    if counts.sum() <= 0:
+        raise PayloadError("LDA statistics of no examples")
+    if covariance == "diag":
+        return LdaStats(sums, counts, rest)
+    second = np.zeros((k, k))
+    second[np.triu_indices(k)] = rest
+    second = (second + np.triu(second, 1).T) * counts.sum()
     return LdaStats(sums, counts, second)

@@ -354,7 +354,7 @@ class Coordinator:
         state = "closed" if len(r.received) >= quorum else "skipped"
         wire, thresholds = self.wire, self.thresholds
         if state == "closed" and r.phase == HEAD:
-            self.store.save_head(encode_head(*self.agg.close_head(r.shares)))
+            self.store.save_head(encode_head(*self.agg.close_head(r.shares, r.seed)))
             self.head_rounds += 1
         elif state == "closed":
             self.agg.thresholds = self.thresholds
@@ -478,7 +478,8 @@ class Coordinator:
     def _work(self, r: OpenRound) -> DeviceTask:
         """The task of a round opened before a restart (the plan's fields are in its row)."""
         c = self.config
-        return DeviceTask(r.phase, r.round, r.seed, r.kappa, c.codec, c.reference, c.head, c.lda_covariance, c.local)
+        return DeviceTask(r.phase, r.round, r.seed, r.kappa, c.codec, c.reference, c.head, c.lda_covariance,
+                          c.lda_rank, c.local)
 
     def _decode_head(self, data: bytes) -> Head:
         return decode_head(data, self.config.num_classes, self.facts.feature_dim)

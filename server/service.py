@@ -91,7 +91,8 @@ class CoordinatorService(rpc.CoordinatorServicer):
                        theta_bytes=task.theta_bytes, head=task.head, num_classes=self.c.config.num_classes,
                        feature_dim=self.c.facts.feature_dim, epochs=w.local.head_epochs if head else w.local.epochs,
                        batch_size=w.local.batch_size, lr=w.local.head_lr if head else w.local.lr,
-                       head_kind=w.head, lda_covariance=w.lda_covariance, loss=w.local.loss)
+                       head_kind=w.head, lda_covariance=w.lda_covariance, lda_rank=w.lda_rank,
+                       loss=w.local.loss)
 
     @_refusals
     def FetchTheta(self, request, context):

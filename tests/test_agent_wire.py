@@ -37,7 +37,7 @@ def coordinator(request, tmp_path, monkeypatch):
     Corrupting.fetches, Corrupting.corrupt = [], {1}
     config = ServerConfig(state_dir=str(tmp_path / "state"), backbone="tiny", weights=None, image_size=16,
                           expected_clients=1, min_quorum=1, rounds=2, round_deadline_s=4, heartbeat_interval_s=2,
-                          codec="exact", head=request.param)
+                          codec="exact", head=request.param, lda_rank=16)
     c = Coordinator(config, model_facts(config), Store(config.state_dir))
     server = service.Server(c, "127.0.0.1:0")
     server.start()

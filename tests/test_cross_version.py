@@ -26,7 +26,7 @@ def test_a_torch_free_client_does_a_head_round_and_a_mask_round(tmp_path):
     port = free_port()
     config = {"listen": f"127.0.0.1:{port}", "state_dir": str(tmp_path / "state"), "backbone": "tiny",
               "weights": None, "image_size": 16, "expected_clients": 1, "min_quorum": 1, "rounds": 1,
-              "heartbeat_interval_s": 30, "exit_when_done": True, "local": {"head_epochs": 1}}
+              "heartbeat_interval_s": 30, "exit_when_done": True, "head": "linear_probe", "local": {"head_epochs": 1}}
     (tmp_path / "server.yaml").write_text(yaml.safe_dump(config))
     python = os.environ.get("DELTAMASK_SERVER_PYTHON", sys.executable)
     env = {**os.environ, "PYTHONPATH": str(ROOT), "HF_HUB_OFFLINE": "1"}
@@ -49,7 +49,7 @@ def test_a_torch_free_client_does_a_head_round_and_a_mask_round(tmp_path):
         thresholds = decode_theta(wire, reg.d)
         theta_k = thresholds_to_theta(thresholds).astype(np.float64)
         theta_k[::50] = 0.01
-        upload = client_update(thresholds, theta_k, task.seed, device, task.kappa, get_codec(task.codec),
+        upload = client_update(thresholds, theta_k, task.seed, "py39-board", task.kappa, get_codec(task.codec),
                                task.reference)
         reply = submit_update(stub, pb.UpdateHeader(device_id=device, round=task.round,
                                                     reference_digest=upload.reference_digest), upload.payload, backoff)

@@ -5,7 +5,7 @@ import pytest
 from deltamask.aggregation import BetaCounts
 from deltamask.errors import PayloadError
 from deltamask.federation import (HEAD, MASK, Aggregator, LocalTraining, Policy, average_heads, clients_per_round,
-                                  device_task, kaiming_head, lda_head, plan_round, train_seed)
+                                  device_task, kaiming_head, lda_head, lda_projection, plan_round, train_seed)
 from deltamask.headwire import LdaStats, decode_lda_stats, encode_head, encode_lda_stats, lda_stats_nbytes
 from deltamask.sampling import theta_to_thresholds
 
@@ -39,7 +39,7 @@ def test_head_phase_lengths_and_the_end_of_the_federation():
     assert task.head == "linear_probe" and task.local == LocalTraining()
 
 
-@pytest.mark.parametrize("bad", [dict(head="svm"), dict(rho=0), dict(head_rho=1.5), dict(lda_covariance="lowrank"),
+@pytest.mark.parametrize("bad", [dict(head="svm"), dict(rho=0), dict(head_rho=1.5), dict(lda_covariance="lowrank"), dict(lda_rank=0),
                                  dict(local=LocalTraining(loss="focal")), dict(theta0=1.0), dict(rounds=0)])
 def test_a_bad_policy_is_refused_with_the_key_named(bad):
     with pytest.raises(ValueError, match=next(iter(bad)) if "local" not in bad else "loss"):
@@ -61,17 +61,32 @@ def stats(x, labels, classes=3, covariance="diag"):
 
 
 @pytest.mark.parametrize("covariance", ["diag", "full"])
-def test_lda_stats_travel_in_float32_and_the_head_does_not_depend_on_the_split(covariance):
+def test_the_lda_head_does_not_depend_on_how_the_data_are_split_and_survives_the_wire(covariance):
     x, y = gaussian(900)
     shares = [stats(x[i::3], y[i::3], covariance=covariance) for i in range(3)]
-    wire = [encode_lda_stats(s, covariance) for s in shares]
-    assert all(len(w) == lda_stats_nbytes(3, 6, covariance) for w in wire)
-    back = [decode_lda_stats(w, 3, 6, covariance) for w in wire]
-    split, whole = lda_head(back), lda_head([stats(x, y, covariance=covariance)])
-    assert np.allclose(split[0], whole[0], rtol=1e-4, atol=1e-4) and np.allclose(split[1], whole[1], atol=1e-3)
+    split, whole = lda_head(shares), lda_head([stats(x, y, covariance=covariance)])
+    assert np.allclose(split[0], whole[0], rtol=1e-6) and np.allclose(split[1], whole[1], rtol=1e-6)
     assert ((x @ whole[0].T + whole[1]).argmax(1) == y).mean() > 0.95
+    wire = [encode_lda_stats(s, covariance) for s in shares]  # float32 sums; float16 mean second moments
+    assert all(len(w) == lda_stats_nbytes(3, 6, covariance) for w in wire)
+    sent = lda_head([decode_lda_stats(w, 3, 6, covariance) for w in wire])
+    assert np.allclose(sent[0], whole[0], rtol=2e-2, atol=2e-2)
+    assert ((x @ sent[0].T + sent[1]).argmax(1) == (x @ whole[0].T + whole[1]).argmax(1)).mean() > 0.99
     with pytest.raises(PayloadError):
         decode_lda_stats(wire[0][:-4], 3, 6, covariance)
+
+
+def test_projected_lda_sends_rank_r_statistics_and_its_head_acts_on_the_features():
+    x, y = gaussian(900, features=40)
+    policy = Policy(head="lda", lda_covariance="projected", lda_rank=8)
+    agg = Aggregator(policy, 100, 3, 40)
+    p = lda_projection(40, 8, round_seed=11)
+    assert np.array_equal(p, lda_projection(40, 8, 11)) and not np.array_equal(p, lda_projection(40, 8, 12))
+    shares = {f"d{i}": (agg.decode_share(encode_lda_stats(stats(x[i::3] @ p, y[i::3], covariance="full"),
+                                                          "projected")), 300) for i in range(3)}
+    assert lda_stats_nbytes(3, 40, "projected", 8) == 4 * (3 * 8 + 3) + 2 * 36
+    weight, bias = agg.close_head(shares, round_seed=11)
+    assert weight.shape == (3, 40) and ((x @ weight.T + bias).argmax(1) == y).mean() > 0.9
 
 
 def test_the_aggregator_combines_replies_in_name_order_whatever_their_arrival():
@@ -81,8 +96,8 @@ def test_the_aggregator_combines_replies_in_name_order_whatever_their_arrival():
     heads = {f"d{i}": ((rng.normal(size=(3, 6)).astype(np.float32), rng.normal(size=3).astype(np.float32)), i + 1)
              for i in range(4)}
     decoded = {n: (agg.decode_share(encode_head(*h)), w) for n, (h, w) in heads.items()}
-    forward = agg.close_head(decoded)
-    backward = agg.close_head(dict(reversed(list(decoded.items()))))
+    forward = agg.close_head(decoded, 0)
+    backward = agg.close_head(dict(reversed(list(decoded.items()))), 0)
     assert all(np.array_equal(a, b) for a, b in zip(forward, backward))
     expect = average_heads([h for h, _ in heads.values()], [w for _, w in heads.values()])
     assert np.allclose(forward[0], expect[0]) and forward[0].dtype == np.float32

@@ -24,6 +24,7 @@ ROOT = Path(__file__).resolve().parents[1]
 D = 6768  # the tiny model's masked weights
 SERVER = dict(backbone="tiny", weights=None, blocks=5, image_size=16, num_classes=10, expected_clients=3,
               min_quorum=2, rounds=3, round_deadline_s=60, heartbeat_interval_s=1, exit_when_done=True, seed=5,
+              lda_rank=16,  # the tiny model has 32 features
               local={"epochs": 1, "batch_size": 32, "lr": 0.1, "head_epochs": 3})
 
 
@@ -217,6 +218,7 @@ def test_the_simulator_and_a_real_fleet_produce_identical_heads_and_theta_every_
     args = ["--backbone", "tiny", "--weights", "none", "--image-size", "16", "--dataset", "digits",
             "--train-samples", "0", "--test-samples", "200", "--clients", "3", "--min-per-client", "5",
             "--rounds", "3", "--seed", "5", "--rho", "1", "--min-quorum", "2", "--codec", "exact", "--head", "lda",
+            "--lda-rank", "16",
             "--epochs", "1", "--batch-size", "32", "--lr", "0.1"]
     out = subprocess.run([sys.executable, "-m", "deltamask.learn.sim", *args], capture_output=True, text=True,
                          cwd=ROOT, env=f.env, timeout=600)

@@ -46,13 +46,16 @@ def test_partial_participation_samples_k_clients_and_resets_on_schedule():
 
 
 def test_heads_lda_and_kaiming_and_several_linear_probe_rounds():
-    lda = list(run(SimConfig(**{**TINY, "head": "lda", "rounds": 1}), progress=False))
+    lda = list(run(SimConfig(**{**TINY, "head": "lda", "lda_covariance": "diag", "rounds": 1}), progress=False))
     full = list(run(SimConfig(**{**TINY, "head": "lda", "lda_covariance": "full", "rounds": 1}), progress=False))
     kaiming = list(run(SimConfig(**{**TINY, "head": "kaiming", "rounds": 1}), progress=False))
     assert lda[0]["uplink_bpp"] == pytest.approx(32 * (10 * 32 + 32) / 6768 + 32 * 10 / 6768)  # sums, counts, diag
-    assert full[0]["uplink_bpp"] == pytest.approx(32 * (10 * 32 + 32 * 33 / 2 + 10) / 6768)
+    assert full[0]["uplink_bpp"] == pytest.approx((32 * (10 * 32 + 10) + 16 * 32 * 33 / 2) / 6768)
+    projected = list(run(SimConfig(**{**TINY, "head": "lda", "lda_covariance": "projected", "lda_rank": 16,
+                                      "rounds": 1}), progress=False))
+    assert projected[0]["uplink_bpp"] == pytest.approx((32 * (10 * 16 + 10) + 16 * 16 * 17 / 2) / 6768)
     assert kaiming[0]["uplink_bpp"] == 0 and kaiming[0]["round"] == -1 and kaiming[1]["round"] == 0
-    assert lda[0]["accuracy"] > kaiming[0]["accuracy"] and full[0]["accuracy"] > kaiming[0]["accuracy"]
+    assert min(lda[0]["accuracy"], full[0]["accuracy"], projected[0]["accuracy"]) > kaiming[0]["accuracy"]
     probes = list(run(SimConfig(**{**TINY, "head_rounds": 3, "rounds": 1}), progress=False))
     assert [r["phase"] for r in probes] == ["head", "head", "head", "mask"] and probes[3]["round"] == 3
     assert len({r["head_sha256"] for r in probes[:3]}) == 3  # each head round moves the head

@@ -15,7 +15,7 @@ import torch
 from torch import nn
 
 from deltamask.codecs import get_codec
-from deltamask.federation import HEAD, LDA, DeviceTask, Head, train_seed
+from deltamask.federation import HEAD, LDA, DeviceTask, Head, lda_projection, train_seed
 from deltamask.headwire import encode_head, encode_lda_stats
 from deltamask.learn.masking import FIXED, IDENTITY, MaskedModule
 from deltamask.learn.prefix_cache import run_prefix
@@ -92,8 +92,12 @@ class LocalLearner:
         m.masks.set_mode(FIXED, np.ones(m.d, dtype=bool))
         features = features_of(m.net[0], self.inputs)
         if task.head == LDA:
-            payload = encode_lda_stats(lda_statistics(features, self.labels, m.num_classes, task.lda_covariance),
-                                       task.lda_covariance)
+            covariance = task.lda_covariance
+            if covariance == "projected":  # statistics of P'x, P drawn from the head round's seed
+                projection = lda_projection(m.feature_dim, task.lda_rank, task.seed)
+                features, covariance = features.double() @ torch.from_numpy(projection), "full"
+            stats = lda_statistics(features, self.labels, m.num_classes, covariance)
+            payload = encode_lda_stats(stats, task.lda_covariance)
         else:
             weight, bias = linear_probe(features, self.labels, m.num_classes, task.local.head_epochs,
                                         task.local.head_lr, task.local.batch_size, train_seed(task.seed, name),

@@ -107,7 +107,7 @@ class Federation:
         for name in plan.selected:
             reply = self.learners[name].work(task, name, head)
             shares[name] = (self.agg.decode_share(reply.payload), reply.examples)
-        self.agg.close_head(shares)
+        self.agg.close_head(shares, plan.seed)
         self.heads_done += 1
         bits = head_bits(c, self.agg.num_classes, self.agg.feature_dim)
         return {"round": plan.index, "phase": HEAD, "head": c.head, "clients": len(plan.selected),
@@ -132,9 +132,10 @@ class Federation:
             times["train_s"] += trained - started
             if digest != reply.reference_digest:
                 raise RuntimeError(f"{name}: reference digest mismatch")
-            self.agg.counts.add_packed(packed)
             rebuilt = np.unpackbits(packed, bitorder="little")[:d].astype(bool)
-            applied = int(np.count_nonzero(rebuilt != reference_mask(thresholds, plan.seed, name, c.reference)))
+            reference = reference_mask(thresholds, plan.seed, name, c.reference)
+            self.agg.add_mask(rebuilt, reference)
+            applied = int(np.count_nonzero(rebuilt != reference))
             rows.append({"bits": 8 * len(reply.payload), "delta": reply.delta, "kept": reply.kept,
                          "applied": applied, "false": 0 if carries_mask else applied - reply.kept})
             if progress is not None:

@@ -118,7 +118,8 @@ def linear_probe(features: torch.Tensor, labels: torch.Tensor, num_classes: int,
     return head.weight.detach().numpy().copy(), head.bias.detach().numpy().copy()
 
 
-def lda_statistics(features: torch.Tensor, labels: torch.Tensor, num_classes: int, covariance: str = "full") -> LdaStats:
+def lda_statistics(features: torch.Tensor, labels: torch.Tensor, num_classes: int,
+                   covariance: str = "full") -> LdaStats:
     """One device's share of FiT-LDA (`deltamask.federation.lda_head` sums them): per-class feature sums and
     counts, and the second moments: sum x x' ("full") or its diagonal ("diag")."""
     f = features.double()

@@ -95,7 +95,7 @@ class TaskRequest(_message.Message):
     def __init__(self, device_id: _Optional[str] = ..., after_round: _Optional[int] = ..., wait_s: _Optional[float] = ...) -> None: ...
 
 class Task(_message.Message):
-    __slots__ = ("phase", "round", "seed", "kappa", "codec", "reference", "deadline_unix_s", "theta_digest", "theta_bytes", "head", "num_classes", "feature_dim", "epochs", "batch_size", "lr", "head_kind", "lda_covariance", "loss")
+    __slots__ = ("phase", "round", "seed", "kappa", "codec", "reference", "deadline_unix_s", "theta_digest", "theta_bytes", "head", "num_classes", "feature_dim", "epochs", "batch_size", "lr", "head_kind", "lda_covariance", "loss", "lda_rank")
     PHASE_FIELD_NUMBER: _ClassVar[int]
     ROUND_FIELD_NUMBER: _ClassVar[int]
     SEED_FIELD_NUMBER: _ClassVar[int]
@@ -114,6 +114,7 @@ class Task(_message.Message):
     HEAD_KIND_FIELD_NUMBER: _ClassVar[int]
     LDA_COVARIANCE_FIELD_NUMBER: _ClassVar[int]
     LOSS_FIELD_NUMBER: _ClassVar[int]
+    LDA_RANK_FIELD_NUMBER: _ClassVar[int]
     phase: Phase
     round: int
     seed: int
@@ -132,7 +133,8 @@ class Task(_message.Message):
     head_kind: str
     lda_covariance: str
     loss: str
-    def __init__(self, phase: _Optional[_Union[Phase, str]] = ..., round: _Optional[int] = ..., seed: _Optional[int] = ..., kappa: _Optional[float] = ..., codec: _Optional[str] = ..., reference: _Optional[str] = ..., deadline_unix_s: _Optional[float] = ..., theta_digest: _Optional[str] = ..., theta_bytes: _Optional[int] = ..., head: _Optional[bytes] = ..., num_classes: _Optional[int] = ..., feature_dim: _Optional[int] = ..., epochs: _Optional[int] = ..., batch_size: _Optional[int] = ..., lr: _Optional[float] = ..., head_kind: _Optional[str] = ..., lda_covariance: _Optional[str] = ..., loss: _Optional[str] = ...) -> None: ...
+    lda_rank: int
+    def __init__(self, phase: _Optional[_Union[Phase, str]] = ..., round: _Optional[int] = ..., seed: _Optional[int] = ..., kappa: _Optional[float] = ..., codec: _Optional[str] = ..., reference: _Optional[str] = ..., deadline_unix_s: _Optional[float] = ..., theta_digest: _Optional[str] = ..., theta_bytes: _Optional[int] = ..., head: _Optional[bytes] = ..., num_classes: _Optional[int] = ..., feature_dim: _Optional[int] = ..., epochs: _Optional[int] = ..., batch_size: _Optional[int] = ..., lr: _Optional[float] = ..., head_kind: _Optional[str] = ..., lda_covariance: _Optional[str] = ..., loss: _Optional[str] = ..., lda_rank: _Optional[int] = ...) -> None: ...
 
 class FetchRequest(_message.Message):
     __slots__ = ("device_id", "round", "offset")
