@@ -21,7 +21,7 @@ import numpy as np
 from deltamask.aggregation import DELTA, MEAN, MODE, BetaCounts, FlipSums, reset_due
 from deltamask.codecs import CODECS
 from deltamask.delta import cosine_kappa
-from deltamask.headwire import LDA_COVARIANCES, LdaStats, decode_head, decode_lda_stats
+from deltamask.headwire import LDA_COVARIANCES, LdaStats, decode_head, decode_lda_stats, lda_width
 from deltamask.sampling import PER_CLIENT, SHARED, round_seed, theta_to_thresholds
 from deltamask.thetawire import encode_theta
 
@@ -67,7 +67,7 @@ class Policy:
     head_rounds: int = 1  # linear probing: FedAvg rounds (lda needs one, kaiming none)
     head_rho: float = 1.0  # fraction of the eligible devices asked each head round
     lda_covariance: str = "projected"  # LDA second moments sent: full | diag | projected (docs/results.md)
-    lda_rank: int = 256  # projected: the rank of the seeded projection
+    lda_rank: int = 256  # projected: the rank of the seeded projection (at most the feature size)
     lda_shrinkage: float = 0.1  # LDA: covariance shrunk towards its mean variance
     codec: str = "bfuse8"
     kappa_start: float = 0.8
@@ -201,9 +201,6 @@ class Aggregator:
 
     def __init__(self, policy: Policy, d: int, num_classes: int, feature_dim: int) -> None:
         self.policy, self.d, self.num_classes, self.feature_dim = policy, int(d), num_classes, feature_dim
-        if policy.head == LDA and policy.lda_covariance == "projected" and policy.lda_rank >= feature_dim > 0:
-            raise ValueError(f"lda_rank {policy.lda_rank} is not below the feature size {feature_dim}: use "
-                             f"lda_covariance: full")
         self.counts = BetaCounts(self.d, policy.lambda0)
         self.flips = FlipSums(self.d) if policy.theta_formula == DELTA else None
         self.thresholds = theta_to_thresholds(np.full(self.d, policy.theta0))
@@ -226,7 +223,8 @@ class Aggregator:
         if p.head == LDA:
             weight, bias = lda_head([s for s, _ in ordered], p.lda_shrinkage)
             if p.lda_covariance == "projected":  # a head over P'x is the head W P' over x
-                weight = (weight.astype(np.float64) @ lda_projection(self.feature_dim, p.lda_rank, round_seed).T)
+                rank = lda_width(self.feature_dim, p.lda_covariance, p.lda_rank)
+                weight = (weight.astype(np.float64) @ lda_projection(self.feature_dim, rank, round_seed).T)
             self.head = weight.astype(np.float32), bias
         else:
             self.head = average_heads([s for s, _ in ordered], [w for _, w in ordered])

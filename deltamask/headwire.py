@@ -51,8 +51,8 @@ class LdaStats:
 
 
 def lda_width(feature_dim: int, covariance: str, rank: int) -> int:
-    """k: the size of the vectors the statistics are over."""
-    return rank if covariance == "projected" else feature_dim
+    """k: the size of the vectors the statistics are over (a projection to at most the feature size)."""
+    return min(rank, feature_dim) if covariance == "projected" else feature_dim
 
 
 def lda_stats_nbytes(num_classes: int, feature_dim: int, covariance: str, rank: int = 0) -> int:

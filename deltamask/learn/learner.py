@@ -16,7 +16,7 @@ from torch import nn
 
 from deltamask.codecs import get_codec
 from deltamask.federation import HEAD, LDA, DeviceTask, Head, lda_projection, train_seed
-from deltamask.headwire import encode_head, encode_lda_stats
+from deltamask.headwire import encode_head, encode_lda_stats, lda_width
 from deltamask.learn.masking import FIXED, IDENTITY, MaskedModule
 from deltamask.learn.prefix_cache import run_prefix
 from deltamask.learn.training import Inputs, evaluate, features_of, lda_statistics, linear_probe, num_rows, train_mask
@@ -94,7 +94,8 @@ class LocalLearner:
         if task.head == LDA:
             covariance = task.lda_covariance
             if covariance == "projected":  # statistics of P'x, P drawn from the head round's seed
-                projection = lda_projection(m.feature_dim, task.lda_rank, task.seed)
+                rank = lda_width(m.feature_dim, covariance, task.lda_rank)
+                projection = lda_projection(m.feature_dim, rank, task.seed)
                 features, covariance = features.double() @ torch.from_numpy(projection), "full"
             stats = lda_statistics(features, self.labels, m.num_classes, covariance)
             payload = encode_lda_stats(stats, task.lda_covariance)
