@@ -1,21 +1,24 @@
-"""The results table: DeltaMask against FedPM and the paper's shared reference, same data, same training.
+"""The results tables: DeltaMask against FedPM, the paper's shared reference and the heads alone, on the
+federation engine the coordinator runs (`deltamask-sim`), same data, same training, same head.
 
-Runs `deltamask-sim` configurations one after another in this process and writes each run's JSON lines
-to OUT/<name>.jsonl, then prints a Markdown table (the one in docs/results.md):
+    python benchmarks/compare.py --out docs/runs/iid --rounds 25 --train-samples 12000 --test-samples 10000
+    python benchmarks/compare.py --out docs/runs/noniid --clients 30 --alpha 0.1 --rho 0.2 --rounds 60 \\
+        --train-samples 12000 --test-samples 10000 --runs deltamask-exact fedpm --jobs 2
 
-    python benchmarks/compare.py --out runs/fmnist --rounds 25 --train-samples 12000
-
-Configurations: deltamask (bfuse8, per-client reference), deltamask-exact (exact codec), shared
-(bfuse8, the paper's single shared reference), fedpm (rawmask: the whole mask, DEFLATE). All start from
-the same linear-probing round, whose accuracy is the "linear probe alone" line.
+Each run writes its JSON lines to OUT/<name>.jsonl (a config line, then a line a round); the Markdown
+table is printed at the end and kept in OUT/table.md. `--set key=value` changes the round policy of every
+run (e.g. `--set head=linear_probe`); `--jobs 2` runs two configurations at a time, one torch thread each.
+Every run starts with the same head phase, whose accuracy is the "head alone" line.
 """
 import argparse
 import dataclasses
 import json
 import logging
+import multiprocessing
 import os
 import sys
 import time
+from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 from typing import Dict, List
 
@@ -26,14 +29,15 @@ try:
 except ImportError:
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from deltamask.learn.sim import SimConfig, run
+from deltamask.federation import LocalTraining  # noqa: E402
+from deltamask.learn.sim import SimConfig, run  # noqa: E402
 
 RUNS = {
     "deltamask": dict(codec="bfuse8", reference="per-client"),
     "deltamask-exact": dict(codec="exact", reference="per-client"),
     "shared": dict(codec="bfuse8", reference="shared"),
     "fedpm": dict(codec="rawmask", reference="per-client"),
-    # ablations of what the paper leaves open (docs/design.md sections 3.3-3.4); run them with --runs
+    # ablations of what the paper leaves open (docs/design.md section 3.4); run them with --runs
     "estimator-fedpm": dict(codec="bfuse8", reference="per-client", estimator="fedpm"),
     "theta0-0.9": dict(codec="bfuse8", reference="per-client", theta0=0.9),
     "mean-formula": dict(codec="bfuse8", reference="per-client", theta_formula="mean"),
@@ -43,17 +47,17 @@ DEFAULT_RUNS = ["deltamask", "deltamask-exact", "shared", "fedpm"]
 
 def summarise(name: str, rows: List[Dict], seconds: float) -> Dict:
     masks = [r for r in rows if r.get("phase") == "mask"]
-    head = next(r for r in rows if r.get("phase") == "head")
+    heads = [r for r in rows if r.get("phase") == "head"]
     last = masks[-1]
-    return {"run": name, "linear_probe": head["accuracy"], "final_accuracy": last["accuracy"],
-            "final_accuracy_expected": last["accuracy_expected"],
+    return {"run": name, "head_accuracy": heads[-1]["accuracy"], "head_bpp": sum(r["uplink_bpp"] for r in heads),
+            "final_accuracy": last["accuracy"], "final_accuracy_expected": last["accuracy_expected"],
             "best_accuracy": max(r["accuracy"] for r in masks),
             "uplink_bpp": sum(r["uplink_bpp"] for r in masks) / len(masks),
             "downlink_bpp": sum(r["downlink_bpp"] for r in masks) / len(masks),
             "rounds": len(masks), "minutes": seconds / 60}
 
 
-def table(summaries: List[Dict]) -> str:
+def table(summaries: List[Dict], head: str) -> str:
     lines = ["| run | codec / reference | accuracy, sampled mask (last round) | expected mask | best | "
              "uplink bpp (mean) | downlink bpp (mean) | minutes |", "|---|---|---|---|---|---|---|---|"]
     for s in summaries:
@@ -62,8 +66,37 @@ def table(summaries: List[Dict]) -> str:
         lines.append(f"| {s['run']} | {spec['codec']} / {spec['reference']}{extra} | {s['final_accuracy']:.4f} | "
                      f"{s['final_accuracy_expected']:.4f} | {s['best_accuracy']:.4f} | {s['uplink_bpp']:.4f} | "
                      f"{s['downlink_bpp']:.3f} | {s['minutes']:.1f} |")
-    lines.append(f"| linear probe alone | float32 head | {summaries[0]['linear_probe']:.4f} | | | | | |")
+    lines.append(f"| {head} head alone | head round: {summaries[0]['head_bpp']:.3f} bpp | "
+                 f"{summaries[0]['head_accuracy']:.4f} | | | | | |")
     return "\n".join(lines)
+
+
+def one(name: str, config: SimConfig, out: Path, threads: int) -> Dict:
+    """Run one configuration, writing its JSON lines as they come; returns its summary."""
+    import torch
+
+    logging.basicConfig(level=logging.INFO, stream=sys.stderr, format="%(asctime)s %(message)s")
+    if threads:
+        torch.set_num_threads(threads)
+    started, rows = time.perf_counter(), []
+    with open(out / f"{name}.jsonl", "w") as f:
+        f.write(json.dumps({"config": dataclasses.asdict(config)}) + "\n")
+        for row in run(config, progress=False):
+            rows.append(row)
+            f.write(json.dumps(row) + "\n")
+            f.flush()
+            logging.info("%s round %s: accuracy %.4f uplink %.4f bpp", name, row["round"], row["accuracy"],
+                         row["uplink_bpp"])
+    return summarise(name, rows, time.perf_counter() - started)
+
+
+def parse_value(text: str):
+    for kind in (int, float):
+        try:
+            return kind(text)
+        except ValueError:
+            pass
+    return None if text in ("none", "null") else text
 
 
 def main() -> int:
@@ -74,24 +107,33 @@ def main() -> int:
     for name in ("rounds", "train_samples", "test_samples", "clients", "seed"):
         parser.add_argument("--" + name.replace("_", "-"), type=int, default=getattr(SimConfig, name))
     parser.add_argument("--alpha", type=float, default=SimConfig.alpha)
+    parser.add_argument("--rho", type=float, default=SimConfig.rho)
+    parser.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE",
+                        help="policy keys for every run (local training: local.KEY=VALUE)")
+    parser.add_argument("--jobs", type=int, default=1, help="configurations run at a time (one torch thread each)")
     args = parser.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
-    common = {k: getattr(args, k) for k in ("rounds", "train_samples", "test_samples", "clients", "seed", "alpha")}
-    summaries = []
-    for name in args.runs:
-        config = SimConfig(**common, **RUNS[name])
-        started, rows = time.perf_counter(), []
-        with open(args.out / f"{name}.jsonl", "w") as f:
-            f.write(json.dumps({"config": dataclasses.asdict(config)}) + "\n")
-            for row in run(config, progress=False):
-                rows.append(row)
-                f.write(json.dumps(row) + "\n")
-                f.flush()
-                logging.info("%s round %s: accuracy %.4f uplink %.4f bpp", name, row["round"], row["accuracy"],
-                             row["uplink_bpp"])
-        summaries.append(summarise(name, rows, time.perf_counter() - started))
-        (args.out / "summary.json").write_text(json.dumps(summaries, indent=1))
-    print(table(summaries))
+    common = {k: getattr(args, k) for k in ("rounds", "train_samples", "test_samples", "clients", "seed", "alpha",
+                                            "rho")}
+    local = {}
+    for item in args.set:
+        key, _, value = item.partition("=")
+        if key.startswith("local."):
+            local[key[6:]] = parse_value(value)
+        else:
+            common[key] = parse_value(value)
+    configs = {name: SimConfig(**{**common, **RUNS[name]}, local=LocalTraining(**local)) for name in args.runs}
+    for config in configs.values():
+        config.check()
+    threads = 1 if args.jobs > 1 else 0
+    with ProcessPoolExecutor(max_workers=args.jobs, mp_context=multiprocessing.get_context("spawn")) as pool:
+        futures = [pool.submit(one, name, config, args.out, threads) for name, config in configs.items()]
+        summaries = [f.result() for f in futures]
+    (args.out / "summary.json").write_text(json.dumps(summaries, indent=1))
+    head = next(iter(configs.values())).head
+    text = table(summaries, head)
+    (args.out / "table.md").write_text(text + "\n")
+    print(text)
     return 0
 
 
