@@ -133,7 +133,6 @@ class Agent:
         """Build the backbone the coordinator names, check the layout, and run the prefix over local data once."""
         from deltamask.data import device_share, load_dataset
         from deltamask.errors import ModelError
-        from deltamask.learn import prefix_cache
         from deltamask.learn.learner import LocalLearner, Model
 
         reg, c = self.registration, self.config
@@ -145,14 +144,10 @@ class Agent:
         data, s = load_dataset(c.data.dataset, "train", c.data.root), c.data
         share = device_share(data.labels, s.samples, s.clients, s.index, s.alpha, s.min_per_client, s.seed)
         images, labels = data.images[share], data.labels[share]
-        folder = Path(os.path.expanduser(c.cache_dir))
-        key = prefix_cache.cache_key(model.backbone, images, f"{reg.image_size}")
-        inputs = prefix_cache.load(folder, key)
-        if inputs is None:
-            started = time.perf_counter()
-            inputs = model.prefix(images, lambda batches: _progress(batches, c.progress, "prefix", unit="batch"))
-            prefix_cache.save(inputs, folder, key)
-            log.info("prefix outputs of %d images computed in %.1f s", len(labels), time.perf_counter() - started)
+        started = time.perf_counter()
+        inputs = model.prefix(images, lambda batches: _progress(batches, c.progress, "prefix", unit="batch"),
+                              cache=Path(os.path.expanduser(c.cache_dir)))
+        log.info("prefix outputs of %d images in %.1f s", len(labels), time.perf_counter() - started)
         self.learner = LocalLearner(model, inputs, labels)
         self.examples = len(labels)
         log.info("%s ready: d = %d, %d local examples", reg.backbone, self.d, len(labels))

@@ -8,6 +8,7 @@ Also the held-out evaluation the simulator and the coordinator report.
 """
 import logging
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Callable, Dict, Optional
 
 import numpy as np
@@ -18,6 +19,7 @@ from deltamask.codecs import get_codec
 from deltamask.federation import HEAD, LDA, DeviceTask, Head, lda_projection, train_seed
 from deltamask.headwire import encode_head, encode_lda_stats, lda_width
 from deltamask.learn.masking import FIXED, IDENTITY, MaskedModule
+from deltamask.learn import prefix_cache
 from deltamask.learn.prefix_cache import run_prefix
 from deltamask.learn.training import Inputs, evaluate, features_of, lda_statistics, linear_probe, num_rows, train_mask
 from deltamask.rounds import client_update
@@ -42,13 +44,23 @@ class Model:
             p.requires_grad_(False)
         self.net = nn.Sequential(self.backbone.masked, self.head)
 
-    def prefix(self, images: np.ndarray, progress: Callable = lambda batches: batches) -> Inputs:
-        """The frozen prefix's outputs for raw images, 256 at a time (what local training feeds the rest)."""
+    def prefix(self, images: np.ndarray, progress: Callable = lambda batches: batches,
+               cache: Optional[Path] = None) -> Inputs:
+        """The frozen prefix's outputs for raw images, 256 at a time (what local training feeds the rest);
+        with `cache`, kept there under a key of the backbone, its weights and the images, and read back."""
         from deltamask.data import prepare_images
 
+        key = prefix_cache.cache_key(self.backbone, images, f"{self.image_size}") if cache else ""
+        if cache is not None:
+            hit = prefix_cache.load(cache, key)
+            if hit is not None:
+                return hit
         pre = self.backbone.preprocessing
         tensor = prepare_images(images, self.image_size, pre.channels, pre.mean, pre.std)
-        return run_prefix(self.backbone, progress(torch.split(tensor, 256)))
+        outputs = run_prefix(self.backbone, progress(torch.split(tensor, 256)))
+        if cache is not None:
+            prefix_cache.save(outputs, cache, key)
+        return outputs
 
     def set_head(self, head: Head) -> None:
         with torch.no_grad():

@@ -16,6 +16,7 @@ import logging
 import sys
 import time
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Dict, Iterator, List, Optional
 
 import numpy as np
@@ -51,6 +52,7 @@ class SimConfig(Policy):
     alpha: float = 10.0  # Dirichlet concentration over classes (10: IID-like, 0.1: non-IID)
     min_per_client: int = 10
     estimator: str = IDENTITY
+    cache_dir: Optional[str] = None  # prefix outputs kept here between runs (as an agent keeps them)
 
     def names(self) -> List[str]:
         return [client_name(k) for k in range(self.clients)]
@@ -74,12 +76,13 @@ class Federation:
         num_classes = int(max(train.labels.max(), test.labels.max())) + 1
         self.model = Model(c.backbone, c.weights, c.blocks, c.image_size, num_classes, c.theta0, c.estimator)
         started = time.perf_counter()
+        cache = Path(c.cache_dir).expanduser() if c.cache_dir else None
         self.learners = {}
         for k, name in enumerate(c.names()):
             share = device_share(train.labels, c.train_samples, c.clients, k, c.alpha, c.min_per_client, c.seed)
-            self.learners[name] = LocalLearner(self.model, self.model.prefix(train.images[share]),
+            self.learners[name] = LocalLearner(self.model, self.model.prefix(train.images[share], cache=cache),
                                                train.labels[share])
-        self.evaluate = Evaluator(self.model, self.model.prefix(test.images[held]), test.labels[held])
+        self.evaluate = Evaluator(self.model, self.model.prefix(test.images[held], cache=cache), test.labels[held])
         self.prefix_s = time.perf_counter() - started
         self.d = self.model.d
         self.agg = Aggregator(c, self.d, num_classes, self.model.feature_dim)
