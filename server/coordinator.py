@@ -375,7 +375,6 @@ class Coordinator:
                    "mask_rounds": self.mask_rounds}
         if r.phase == HEAD:
             summary["head"] = c.head
-            summary["uplink_bpp"] = float(np.mean(list(up.values()))) if up else 0.0
         self.wire, self.thresholds = wire, thresholds
         self.theta_digest = theta_digest(wire)
         if state == "closed":  # what the round produced, to compare with the simulator's (parity)
