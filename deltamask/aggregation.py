@@ -8,9 +8,9 @@ from typing import Optional
 
 import numpy as np
 
-from deltamask.sampling import THRESHOLD_BITS, theta_to_thresholds
+from deltamask.sampling import theta_to_thresholds
 
-MODE, MEAN, DELTA = "mode", "mean", "delta"
+MODE, MEAN = "mode", "mean"
 
 
 class BetaCounts:
@@ -107,42 +107,3 @@ def reset_due(round_index: int, rho: float) -> bool:
     """Whether the prior is reset before aggregating round `round_index` (0-based)."""
     return round_index % reset_period(rho) == 0
 
-
-class FlipSums:
-    """The global mask's estimate with the reference as a control variate (theta formula "delta").
-
-    Each rebuilt mask m_k counts as m_k - r_k + theta_g, where r_k is the reference mask the server drew
-    for that client (it has it: the rebuild starts from it) and theta_g the theta the round started from.
-    Its expectation is the same as m_k's (E[r_k] = theta_g), so theta is still the mean of the clients'
-    masks since the last reset, but where a client's sample agrees with its reference (everywhere but its
-    delta) the reference's sampling noise cancels: with K = 6 masks a round, resampling no longer lets
-    theta drift away from the pretrained weights round after round. Kept as integers in units of
-    2**-24: sums[i] = sum over masks of (m - r) * 2**24 + t_g (exact, identical on every platform).
-    """
-
-    def __init__(self, d: int) -> None:
-        self.d = int(d)
-        self.sums = np.zeros(self.d, dtype=np.int64)
-        self.masks = 0
-
-    def reset(self) -> None:
-        self.sums[:] = 0
-        self.masks = 0
-
-    def add(self, mask: np.ndarray, reference: np.ndarray, thresholds_g: np.ndarray, start: int = 0) -> None:
-        """One mask's slice start..start+len: its rebuilt mask, its reference and the round's thresholds.
-        The caller counts the mask once with `count_masks(1)` after its last slice."""
-        stop = start + len(mask)
-        part = self.sums[start:stop]
-        part += np.asarray(thresholds_g, dtype=np.int64)
-        part += (np.asarray(mask, dtype=np.int64) - np.asarray(reference, dtype=np.int64)) << THRESHOLD_BITS
-
-    def count_masks(self, k: int) -> None:
-        self.masks += int(k)
-
-    def thresholds(self, previous: np.ndarray) -> np.ndarray:
-        """theta as wire thresholds: the rounded mean, clipped to [0, 2**24]; `previous` with no masks."""
-        if self.masks == 0:
-            return np.asarray(previous, dtype=np.uint32)
-        mean = (2 * self.sums + self.masks) // (2 * self.masks)  # round half up, in integers
-        return np.clip(mean, 0, 1 << THRESHOLD_BITS).astype(np.uint32)

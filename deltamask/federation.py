@@ -18,7 +18,7 @@ from typing import Mapping, Optional, Sequence, Tuple
 
 import numpy as np
 
-from deltamask.aggregation import DELTA, MEAN, MODE, BetaCounts, FlipSums, reset_due
+from deltamask.aggregation import MEAN, MODE, BetaCounts, reset_due
 from deltamask.codecs import CODECS
 from deltamask.delta import cosine_kappa
 from deltamask.headwire import LDA_COVARIANCES, LdaStats, decode_head, decode_lda_stats, lda_width
@@ -69,6 +69,7 @@ class Policy:
     lda_covariance: str = "projected"  # LDA second moments sent: full | diag | projected (docs/results.md)
     lda_rank: int = 256  # projected: the rank of the seeded projection (at most the feature size)
     lda_shrinkage: float = 0.1  # LDA: covariance shrunk towards its mean variance
+    lda_temperature: float = 1.0  # LDA: logits divided by this (argmax unchanged; softer for mask training)
     codec: str = "bfuse8"
     kappa_start: float = 0.8
     kappa_end: float = 1.0
@@ -84,8 +85,8 @@ class Policy:
             raise ValueError(f"codec {self.codec!r} is not one of {', '.join(CODECS)}")
         if self.reference not in (PER_CLIENT, SHARED):
             raise ValueError(f"reference must be {PER_CLIENT!r} or {SHARED!r}, got {self.reference!r}")
-        if self.theta_formula not in (MODE, MEAN, DELTA):
-            raise ValueError(f"theta_formula must be {MODE!r}, {MEAN!r} or {DELTA!r}, got {self.theta_formula!r}")
+        if self.theta_formula not in (MODE, MEAN):
+            raise ValueError(f"theta_formula must be {MODE!r} or {MEAN!r}, got {self.theta_formula!r}")
         if self.head not in HEADS:
             raise ValueError(f"head must be one of {', '.join(HEADS)}, got {self.head!r}")
         if self.lda_covariance not in LDA_COVARIANCES:
@@ -202,7 +203,6 @@ class Aggregator:
     def __init__(self, policy: Policy, d: int, num_classes: int, feature_dim: int) -> None:
         self.policy, self.d, self.num_classes, self.feature_dim = policy, int(d), num_classes, feature_dim
         self.counts = BetaCounts(self.d, policy.lambda0)
-        self.flips = FlipSums(self.d) if policy.theta_formula == DELTA else None
         self.thresholds = theta_to_thresholds(np.full(self.d, policy.theta0))
         self.head: Optional[Head] = kaiming_head(feature_dim, num_classes, policy.seed) \
             if policy.head == KAIMING else None
@@ -222,6 +222,7 @@ class Aggregator:
         p = self.policy
         if p.head == LDA:
             weight, bias = lda_head([s for s, _ in ordered], p.lda_shrinkage)
+            weight, bias = weight / p.lda_temperature, bias / p.lda_temperature
             if p.lda_covariance == "projected":  # a head over P'x is the head W P' over x
                 rank = lda_width(self.feature_dim, p.lda_covariance, p.lda_rank)
                 weight = (weight.astype(np.float64) @ lda_projection(self.feature_dim, rank, round_seed).T)
@@ -234,22 +235,10 @@ class Aggregator:
     def open_mask(self, plan: RoundPlan) -> None:
         if plan.reset:
             self.counts.reset()
-            if self.flips is not None:
-                self.flips.reset()
-
-    def add_mask(self, mask: np.ndarray, reference: np.ndarray) -> None:
-        """One device's rebuilt mask (bool, length d) and the reference it was rebuilt from."""
-        self.counts.add(mask)
-        if self.flips is not None:
-            self.flips.add(mask, reference, self.thresholds)
-            self.flips.count_masks(1)
 
     def close_mask(self) -> np.ndarray:
         """theta (wire thresholds) from the counts; it becomes the next round's global theta."""
-        if self.flips is not None:
-            self.thresholds = self.flips.thresholds(self.thresholds)
-        else:
-            self.thresholds = self.counts.thresholds(self.policy.theta_formula, previous=self.thresholds)
+        self.thresholds = self.counts.thresholds(self.policy.theta_formula, previous=self.thresholds)
         return self.thresholds
 
     def theta_wire(self) -> bytes:

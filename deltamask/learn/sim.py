@@ -135,9 +135,9 @@ class Federation:
             times["train_s"] += trained - started
             if digest != reply.reference_digest:
                 raise RuntimeError(f"{name}: reference digest mismatch")
+            self.agg.counts.add_packed(packed)
             rebuilt = np.unpackbits(packed, bitorder="little")[:d].astype(bool)
             reference = reference_mask(thresholds, plan.seed, name, c.reference)
-            self.agg.add_mask(rebuilt, reference)
             applied = int(np.count_nonzero(rebuilt != reference))
             rows.append({"bits": 8 * len(reply.payload), "delta": reply.delta, "kept": reply.kept,
                          "applied": applied, "false": 0 if carries_mask else applied - reply.kept})
