@@ -44,10 +44,12 @@ def main(argv=None) -> int:
     with tempfile.TemporaryDirectory() as state:
         config = ServerConfig(state_dir=state, backbone=None, d=args.d, num_classes=CLASSES,
                               expected_clients=args.uploads, min_quorum=args.uploads, rounds=args.rounds,
-                              codec=args.codec, kappa_start=1.0, kappa_end=1.0, heartbeat_interval_s=3600)
+                              codec=args.codec, kappa_start=1.0, kappa_end=1.0, heartbeat_interval_s=3600,
+                              head="linear_probe")
         store = Store(state)
         c = Coordinator(config, ModelFacts(args.d, "", FEATURES), store)
-        devices = [c.register(f"bench-{i}", "server", 0, args.codec).device_id for i in range(args.uploads)]
+        names = [f"bench-{i}" for i in range(args.uploads)]
+        devices = [c.register(name, "server", 0, args.codec).device_id for name in names]
         for dev in devices:
             c.get_task(dev, -1, 0)  # ready
         c.step()  # the head round opens
@@ -61,11 +63,11 @@ def main(argv=None) -> int:
             c.step()  # opens a mask round
             r = c.open
             uploads, make_s = [], time.perf_counter()
-            for dev in devices:
+            for name in names:  # masks are seeded by the enrolled name
                 theta_k = thresholds_to_theta(c.thresholds).astype(np.float32)
                 moved = rng.choice(args.d, int(args.density * args.d), replace=False)
                 theta_k[moved] = 1.0 - theta_k[moved]  # flips the own sample there, whatever theta_g is
-                uploads.append(client_update(c.thresholds, theta_k, r.seed, dev, r.kappa, get_codec(args.codec)))
+                uploads.append(client_update(c.thresholds, theta_k, r.seed, name, r.kappa, get_codec(args.codec)))
             make_s = time.perf_counter() - make_s
             for dev, up in zip(devices[:-1], uploads[:-1]):
                 c.submit(dev, r.round, up.payload, up.reference_digest, {})
