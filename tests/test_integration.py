@@ -19,6 +19,7 @@ from deltamask.codecs import decode
 from deltamask.rounds import rebuild_client_mask
 from deltamask.sampling import round_seed, theta_to_thresholds, thresholds_to_theta
 from deltamask.thetawire import decode_theta
+from server.config import ServerConfig
 
 ROOT = Path(__file__).resolve().parents[1]
 D = 6768  # the tiny model's masked weights
@@ -105,7 +106,7 @@ def reaggregate(state: Path, config: dict) -> np.ndarray:
     """theta after the last round, recomputed offline from the uploads the coordinator kept."""
     db = sqlite3.connect(state / "coordinator.db")
     rounds = db.execute("SELECT round, phase, state FROM rounds ORDER BY round").fetchall()
-    thresholds = theta_to_thresholds(np.full(D, 0.99))
+    thresholds = theta_to_thresholds(np.full(D, config.get("theta0", ServerConfig.theta0)))
     counts, mask_index = BetaCounts(D), 0
     for r, phase, status in rounds:
         if phase != "mask" or status != "closed":
@@ -147,7 +148,7 @@ def test_three_clients_three_rounds_match_an_offline_reaggregation(fleet):
     final = decode_theta((state / "theta-4.bin").read_bytes(), D)
     offline = reaggregate(state, f.config)
     assert np.array_equal(final, offline)
-    assert not np.array_equal(final, theta_to_thresholds(np.full(D, 0.99)))  # the rounds did move theta
+    assert not np.array_equal(final, theta_to_thresholds(np.full(D, ServerConfig.theta0)))  # theta moved
 
 
 def test_a_client_killed_mid_round_is_waited_for_until_the_deadline_only(fleet):
