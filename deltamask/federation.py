@@ -69,7 +69,7 @@ class Policy:
     lda_covariance: str = "projected"  # LDA second moments sent: full | diag | projected (docs/results.md)
     lda_rank: int = 256  # projected: the rank of the seeded projection (at most the feature size)
     lda_shrinkage: float = 0.01  # LDA: covariance shrunk towards its mean variance
-    codec: str = "bfuse8"
+    codec: str = "exact"  # docs/results.md: BFuse8's false flips keep theta undecided (bfuse8 etc. on request)
     kappa_start: float = 0.8
     kappa_end: float = 1.0
     reference: str = PER_CLIENT
