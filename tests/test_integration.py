@@ -144,7 +144,8 @@ def test_three_clients_three_rounds_match_an_offline_reaggregation(fleet):
     assert len(metrics) == 9
     for m in metrics:  # what each agent measured and sent with its update (psutil, timings, the codec)
         assert m["peak_rss_bytes"] > 10 << 20 and m["cpu_s"] > 0 and m["train_s"] > 0 and m["num_examples"] > 0
-        assert m["kept"] > 0 and m["delta"] >= m["kept"] and m["energy_meter"] == "" and m["energy_j"] == 0
+        assert m["delta"] >= m["kept"] and m["energy_meter"] == "" and m["energy_j"] == 0
+    assert sum(m["kept"] for m in metrics) > 0  # at theta0 = 0.999 a device may have nothing to send in a round
     final = decode_theta((state / "theta-4.bin").read_bytes(), D)
     offline = reaggregate(state, f.config)
     assert np.array_equal(final, offline)

@@ -29,7 +29,7 @@ def test_rounds_report_accuracy_bits_and_flips(codec):
         if codec == "exact":
             assert r["false_flips"] == 0 and r["flips_applied"] == r["kept"]
         if codec == "rawmask":
-            assert r["false_flips"] == 0 and r["uplink_bpp"] > 0.1
+            assert r["false_flips"] == 0 and r["uplink_bpp"] > 0.05  # the whole mask (DEFLATE), not a delta
     assert masks[0]["kappa"] == pytest.approx(0.8) and masks[-1]["kappa"] == pytest.approx(1.0)
 
 
