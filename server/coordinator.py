@@ -12,8 +12,9 @@ One round, as the coordinator sees it:
 The round policy and the arithmetic are the core library's, the same the simulator runs: whom to ask
 (`deltamask.federation.plan_round`, over the devices' enrolled names), how to combine the replies
 (`deltamask.federation.Aggregator`: the head phase, Beta counts, theta), how to rebuild a mask
-(`deltamask.rounds`). This module keeps persistence, locking, deadlines and liveness around them. All state changes happen under one condition variable;
-decoding runs outside it so that uploads decode in parallel. The gRPC layer is `server.service`.
+(`deltamask.rounds`). This module keeps persistence, locking, deadlines and liveness around them. All
+state changes happen under one condition variable; decoding runs outside it so that uploads decode in
+parallel. The gRPC layer is `server.service`.
 """
 import logging
 import secrets
@@ -139,6 +140,11 @@ class Coordinator:
         self._stopping = threading.Event()
         self._recover()
 
+    @property
+    def thresholds(self) -> np.ndarray:
+        """The global theta of the open (or next) round, as wire thresholds: the aggregator's."""
+        return self.agg.thresholds
+
     # --- start-up -----------------------------------------------------------------------------------
     def _recover(self) -> None:
         """Load the registry, history, head, counts and theta; replay the uploads of an open round."""
@@ -174,7 +180,7 @@ class Coordinator:
                 raise
             self.wire = self.agg.theta_wire()
             s.save_theta(0, self.wire)
-        self.thresholds = self.agg.thresholds = decode_theta(self.wire, self.d)
+        self.agg.thresholds = decode_theta(self.wire, self.d)
         self.theta_digest = theta_digest(self.wire)
         opened = [r for r in rows if r["state"] == "open"]
         if opened:
@@ -352,13 +358,12 @@ class Coordinator:
         c = self.config
         quorum = min(c.min_quorum, len(r.selected))
         state = "closed" if len(r.received) >= quorum else "skipped"
-        wire, thresholds = self.wire, self.thresholds
+        wire = self.wire
         if state == "closed" and r.phase == HEAD:
             self.store.save_head(encode_head(*self.agg.close_head(r.shares, r.seed)))
             self.head_rounds += 1
         elif state == "closed":
-            self.agg.thresholds = self.thresholds
-            thresholds = self.agg.close_mask()
+            self.agg.close_mask()
             wire = self.agg.theta_wire()
             self.mask_rounds += 1
         else:  # skipped: the counts go back to what they were when the round opened
@@ -375,7 +380,7 @@ class Coordinator:
                    "mask_rounds": self.mask_rounds}
         if r.phase == HEAD:
             summary["head"] = c.head
-        self.wire, self.thresholds = wire, thresholds
+        self.wire = wire
         self.theta_digest = theta_digest(wire)
         if state == "closed":  # what the round produced, to compare with the simulator's (parity)
             if r.phase == HEAD:
