@@ -87,6 +87,7 @@ class Federation:
         self.d = self.model.d
         self.agg = Aggregator(c, self.d, num_classes, self.model.feature_dim)
         self.heads_done = self.masks_done = 0
+        self.wire = self.agg.theta_wire()  # the global theta as it travels, encoded once a round
 
     def rounds(self, progress=None) -> Iterator[Dict]:
         """Every round the policy plans, one summary each; a seeded Kaiming head is scored first."""
@@ -120,7 +121,7 @@ class Federation:
     def mask_round(self, plan, progress=None) -> Dict:
         c, d = self.config, self.d
         task = device_task(c, plan)
-        wire = self.agg.theta_wire()
+        wire = self.wire
         thresholds = decode_theta(wire, d)  # what every device receives
         self.agg.open_mask(plan)
         rows, times = [], {"train_s": 0.0, "decode_s": 0.0}
@@ -144,6 +145,7 @@ class Federation:
             if progress is not None:
                 progress()
         thresholds = self.agg.close_mask()
+        self.wire = self.agg.theta_wire()
         self.masks_done += 1
         started = time.perf_counter()
         scores = self.evaluate(self.agg.head, thresholds, plan.eval_seed)
@@ -155,7 +157,7 @@ class Federation:
                 "flips_applied": float(np.mean([x["applied"] for x in rows])),
                 "false_flips": float(np.mean([x["false"] for x in rows])),
                 "theta_mean": float(thresholds.mean() / (1 << 24)),
-                "theta_sha256": _sha(self.agg.theta_wire()),
+                "theta_sha256": _sha(self.wire),
                 **{key: round(v, 3) for key, v in times.items()},
                 "eval_s": round(time.perf_counter() - started, 3)}
 
