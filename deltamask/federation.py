@@ -14,14 +14,15 @@ the same federation seed selects the same devices and draws the same masks every
 import hashlib
 import math
 from dataclasses import dataclass, field
-from typing import Mapping, Optional, Sequence, Tuple
+from typing import List, Mapping, Optional, Sequence, Tuple
 
 import numpy as np
 
 from deltamask.aggregation import MEAN, MODE, BetaCounts, reset_due
 from deltamask.codecs import CODECS
 from deltamask.delta import cosine_kappa
-from deltamask.headwire import LDA_COVARIANCES, LdaStats, decode_head, decode_lda_stats, lda_width
+from deltamask.headwire import (LDA_COVARIANCES, MAX_HEAD_ABS, LdaStats, decode_head, decode_lda_stats,
+                                lda_width)
 from deltamask.sampling import PER_CLIENT, SHARED, round_seed, theta_to_thresholds
 from deltamask.thetawire import encode_theta
 
@@ -212,21 +213,23 @@ class Aggregator:
         p = self.policy
         if p.head == LDA:
             return decode_lda_stats(payload, self.num_classes, self.feature_dim, p.lda_covariance, p.lda_rank)
-        return decode_head(payload, self.num_classes, self.feature_dim)
+        return decode_head(payload, self.num_classes, self.feature_dim, MAX_HEAD_ABS)
 
     def close_head(self, shares: Mapping[str, Tuple[object, float]], round_seed: int) -> Head:
         """Combine {name: (share, examples)} in name order: FedAvg of linear heads weighted by examples,
         or the LDA head from the summed statistics (`round_seed`: the head round's, for the projection)."""
         ordered = [shares[name] for name in sorted(shares)]
         p = self.policy
+        weights = bounded_weights([n for _, n in ordered])
         if p.head == LDA:
-            weight, bias = lda_head([s for s, _ in ordered], p.lda_shrinkage)
+            stats = [scale_stats(s, w / max(float(s.counts.sum()), 1.0)) for (s, _), w in zip(ordered, weights)]
+            weight, bias = lda_head(stats, p.lda_shrinkage)
             if p.lda_covariance == "projected":  # a head over P'x is the head W P' over x
                 rank = lda_width(self.feature_dim, p.lda_covariance, p.lda_rank)
                 weight = (weight.astype(np.float64) @ lda_projection(self.feature_dim, rank, round_seed).T)
             self.head = weight.astype(np.float32), bias
         else:
-            self.head = average_heads([s for s, _ in ordered], [w for _, w in ordered])
+            self.head = average_heads([s for s, _ in ordered], weights)
         return self.head
 
     # --- mask phase ---------------------------------------------------------------------------------
@@ -241,6 +244,28 @@ class Aggregator:
 
     def theta_wire(self) -> bytes:
         return encode_theta(self.thresholds)
+
+
+INFLUENCE_CAP = 4.0  # no device weighs more than this many times the round's median device
+
+
+def bounded_weights(examples: Sequence[float], cap: float = INFLUENCE_CAP) -> List[float]:
+    """Each device's weight in a head round: its example count (what it declares, for a linear head; what
+    its LDA statistics count), at most `cap` times the median of the round. A device that declares 10^9
+    examples weighs as much as `cap` ordinary ones, not the whole federation; honest devices within `cap`
+    of the median keep FedAvg's weights exactly."""
+    counts = np.maximum(np.asarray(examples, dtype=np.float64), 0.0)
+    if len(counts) == 0:
+        return []
+    limit = cap * float(np.median(counts))
+    return [float(min(n, limit)) for n in counts]
+
+
+def scale_stats(stats: LdaStats, factor: float) -> LdaStats:
+    """LDA statistics weighted by `factor` (<= 1 shrinks a device's say; its means stay the same)."""
+    if factor >= 1.0:
+        return stats
+    return LdaStats(stats.sums * factor, stats.counts * factor, stats.second * factor)
 
 
 def average_heads(heads: Sequence[Head], weights: Sequence[float]) -> Head:
@@ -306,6 +331,6 @@ def head_bits(policy: Policy, num_classes: int, feature_dim: int) -> int:
 
 __all__ = ["Aggregator", "CROSS_ENTROPY", "HEAD", "HEADS", "Head", "KAIMING", "LDA", "LINEAR_PROBE",
            "LOCAL_CLASSES", "LOSSES", "LocalTraining", "MASK", "DeviceTask", "Policy", "RoundPlan", "average_heads",
-           "clients_per_round", "derived_seed", "device_task", "eval_seed", "head_bits", "kaiming_head", "lda_head",
+           "bounded_weights", "clients_per_round", "derived_seed", "device_task", "eval_seed", "head_bits", "kaiming_head", "lda_head",
            "lda_projection", "plan_round",
-           "train_seed"]
+           "scale_stats", "train_seed"]

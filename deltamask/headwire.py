@@ -3,11 +3,17 @@
 A linear head: little-endian float32, the weight (classes x features, row-major),
 then the bias. 4 * (C * F + C) bytes; nothing else, the shape comes with the task."""
 from dataclasses import dataclass
-from typing import Tuple
+from typing import Optional, Tuple
 
 import numpy as np
 
 from deltamask.errors import PayloadError
+
+
+# What a device may upload, at most: a linear head's |value| (a probe over backbone features stays far
+# below), an LDA class mean's |value|, and examples in one device's statistics. Beyond: refused.
+MAX_HEAD_ABS = 1e4
+MAX_EXAMPLES = 1e8
 
 
 def head_nbytes(num_classes: int, feature_dim: int) -> int:
@@ -21,8 +27,10 @@ def encode_head(weight: np.ndarray, bias: np.ndarray) -> bytes:
     return weight.tobytes() + bias.tobytes()
 
 
-def decode_head(data: bytes, num_classes: int, feature_dim: int) -> Tuple[np.ndarray, np.ndarray]:
-    """(weight, bias) as float32; PayloadError for a wrong length or a non-finite value."""
+def decode_head(data: bytes, num_classes: int, feature_dim: int,
+                limit: Optional[float] = None) -> Tuple[np.ndarray, np.ndarray]:
+    """(weight, bias) as float32; PayloadError for a wrong length, a non-finite value, or (with `limit`, for
+    a head a device uploads) a value beyond +-limit."""
     expected = head_nbytes(num_classes, feature_dim)
     if len(data) != expected:
         raise PayloadError(f"head of {len(data)} bytes; {num_classes} classes x {feature_dim} features "
@@ -30,6 +38,8 @@ def decode_head(data: bytes, num_classes: int, feature_dim: int) -> Tuple[np.nda
     values = np.frombuffer(data, dtype="<f4").astype(np.float32)
     if not np.isfinite(values).all():
         raise PayloadError("head holds NaN or infinite values")
+    if limit is not None and np.abs(values).max(initial=0.0) > limit:
+        raise PayloadError(f"head values beyond +-{limit:g}: not a head a device trained")
     split = num_classes * feature_dim
     return values[:split].reshape(num_classes, feature_dim), values[split:]
 
@@ -93,6 +103,10 @@ def decode_lda_stats(data: bytes, num_classes: int, feature_dim: int, covariance
         raise PayloadError("LDA statistics hold NaN or infinite values")
     if counts.sum() <= 0:
         raise PayloadError("LDA statistics of no examples")
+    if counts.sum() > MAX_EXAMPLES:
+        raise PayloadError(f"LDA statistics of {counts.sum():.0f} examples: more than {MAX_EXAMPLES:g} from one device")
+    if np.abs(sums / np.maximum(counts, 1)[:, None]).max(initial=0.0) > MAX_HEAD_ABS:
+        raise PayloadError(f"LDA class means beyond +-{MAX_HEAD_ABS:g}: not statistics of backbone features")
     if covariance == "diag":
         return LdaStats(sums, counts, rest)
     second = np.zeros((k, k))

@@ -34,7 +34,8 @@ VERSION = "0.1.0"
 class Agent:
     def __init__(self, config: AgentConfig) -> None:
         self.config = config
-        self.stub = connect(config.server)
+        self.credential = _read_secret(config.credential_path)
+        self.stub = connect(config.server, config.ca, lambda: self.credential, config.max_backoff_s, config.insecure)
         self.stop = threading.Event()
         self.device_id = ""
         self.working_round = -1
@@ -121,11 +122,29 @@ class Agent:
 
     # --- set-up -------------------------------------------------------------------------------------
     def register(self) -> None:
+        """Register with the stored credential; without one (or when the coordinator no longer knows it),
+        enroll with the enrollment token and store the credential it returns (mode 0600)."""
         c = self.config
         request = pb.RegisterRequest(name=c.name, kind=KINDS[c.kind], memory_bytes=psutil.virtual_memory().total,
                                      preferred_codec=c.codec, agent_version=VERSION)
-        self.registration = retrying(lambda: self.stub.Register(request, timeout=30, wait_for_ready=True),
-                                     "register", self.backoff, self.stop)
+        call = lambda: self.stub.Register(request, timeout=30, wait_for_ready=True)  # noqa: E731
+        if self.credential:
+            try:
+                self.registration = retrying(call, "register", self.backoff, self.stop)
+            except grpc.RpcError as exc:
+                if exc.code() != grpc.StatusCode.UNAUTHENTICATED or not c.token():
+                    raise
+                log.warning("the coordinator refused the stored credential (%s); enrolling again", exc.details())
+                self.credential = ""
+        if not self.credential:
+            if not c.token():
+                raise EnrollmentError(f"{c.name} is not enrolled: set enrollment_token (or enrollment_token_file) "
+                                      f"to a token from `deltamask-server token`")
+            request.enrollment_token = c.token()
+            self.registration = retrying(call, "enroll", self.backoff, self.stop)
+            self.credential = self.registration.credential
+            _write_secret(c.credential_path, self.credential)
+            log.info("enrolled; credential stored in %s (mode 0600)", c.credential_path)
         self.device_id = self.registration.device_id
         log.info("registered as %s", self.device_id)
 
@@ -218,6 +237,29 @@ class Agent:
         return t.user + t.system
 
 
+class EnrollmentError(Exception):
+    """The device has no credential and no enrollment token, or the coordinator refused both."""
+
+
+def _read_secret(path: str) -> str:
+    try:
+        with open(path) as f:
+            return f.read().strip()
+    except FileNotFoundError:
+        return ""
+
+
+def _write_secret(path: str, text: str) -> None:
+    """Mode 0600 from creation; the folder 0700."""
+    os.makedirs(os.path.dirname(path) or ".", mode=0o700, exist_ok=True)
+    fd = os.open(path + ".tmp", os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w") as f:
+        f.write(text + "\n")
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(path + ".tmp", path)
+
+
 class RoundSkipped(Exception):
     """This round cannot be served (no intact theta, a task this agent cannot run); wait for the next."""
 
@@ -254,4 +296,4 @@ def _progress(iterable, enabled: bool, desc: str, **kw):
     return tqdm(iterable, desc=desc, file=sys.stderr, mininterval=2.0, **kw)
 
 
-__all__ = ["Agent"]
+__all__ = ["Agent", "EnrollmentError", "RoundSkipped"]

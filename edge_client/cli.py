@@ -2,14 +2,17 @@
 
     deltamask-client --config client.yaml
 
-Exits 0 when the coordinator says training is over (with exit_when_done), 2 on a configuration, model
-or data error, 130 on Ctrl-C / SIGTERM.
+Exits 0 when the coordinator says training is over (with exit_when_done), 2 on a configuration, model,
+data or enrollment error, 3 when the coordinator refuses the device for good (its enrollment token is
+unknown, expired or used; its name is taken), 130 on Ctrl-C / SIGTERM.
 """
 import argparse
 import logging
 import signal
 import sys
 from typing import List, Optional
+
+import grpc
 
 from deltamask.errors import DeltaMaskError
 from deltamask.yamlconfig import ConfigError
@@ -26,7 +29,7 @@ def main(argv: Optional[List[str]] = None) -> int:
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
         config = load_config(args.config)
-        from edge_client.agent import Agent
+        from edge_client.agent import Agent, EnrollmentError
 
         agent = Agent(config)
     except (ConfigError, DeltaMaskError, ValueError, EnergyError) as exc:
@@ -40,9 +43,13 @@ def main(argv: Optional[List[str]] = None) -> int:
     signal.signal(signal.SIGTERM, on_signal)
     try:
         return agent.run()
-    except (DeltaMaskError, ValueError) as exc:
+    except (DeltaMaskError, ValueError, EnrollmentError) as exc:
         print(f"deltamask-client: error: {exc}", file=sys.stderr)
         return 2
+    except grpc.RpcError as exc:  # refused for good: an enrollment token unknown, expired or used, a name taken
+        print(f"deltamask-client: error: the coordinator refused: {exc.code().name}: {exc.details()}",
+              file=sys.stderr)
+        return 3
     except KeyboardInterrupt:
         return 130
 

@@ -60,6 +60,11 @@ class AgentConfig:
     energy: EnergyConfig = field(default_factory=EnergyConfig)
     task_wait_s: float = 30.0  # long-poll length
     max_backoff_s: float = 60.0
+    ca: Optional[str] = None  # the coordinator's CA certificate (PEM); required unless insecure
+    insecure: bool = False  # plaintext, for a coordinator started with insecure: true
+    enrollment_token: Optional[str] = None  # to enroll (once); or enrollment_token_file
+    enrollment_token_file: Optional[str] = None
+    credential_file: str = "~/.local/state/deltamask/{name}.credential"  # written at enrollment, mode 0600
     progress: bool = True
     exit_when_done: bool = True
     data: DataConfig = field(default_factory=DataConfig)
@@ -69,8 +74,27 @@ class AgentConfig:
             raise ValueError("name must not be empty")
         if self.kind not in KINDS:
             raise ValueError(f"kind must be one of {', '.join(KINDS)}, got {self.kind!r}")
+        if not self.ca and not self.insecure:
+            raise ValueError("ca: the coordinator's CA certificate file is required (or insecure: true for a "
+                             "plaintext coordinator)")
         self.energy.check()
         self.data.check()
+
+    @property
+    def credential_path(self) -> str:
+        import os
+
+        return os.path.expanduser(self.credential_file.format(name=self.name))
+
+    def token(self) -> str:
+        if self.enrollment_token:
+            return self.enrollment_token.strip()
+        if self.enrollment_token_file:
+            import os
+
+            with open(os.path.expanduser(self.enrollment_token_file)) as f:
+                return f.read().strip()
+        return ""
 
 
 def load_config(path) -> AgentConfig:

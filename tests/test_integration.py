@@ -20,6 +20,7 @@ from deltamask.rounds import rebuild_client_mask
 from deltamask.sampling import round_seed, theta_to_thresholds, thresholds_to_theta
 from deltamask.thetawire import decode_theta
 from server.config import ServerConfig
+from tests.wire import server_secrets, tls_config
 
 ROOT = Path(__file__).resolve().parents[1]
 D = 6768  # the tiny model's masked weights
@@ -41,22 +42,30 @@ class Fleet:
     def __init__(self, folder: Path, clients: int = 3, names: str = "dev-{}", data: Optional[dict] = None,
                  **server) -> None:
         self.folder, self.port = folder, free_port()
-        self.config = {**SERVER, **server, "listen": f"127.0.0.1:{self.port}", "state_dir": str(folder / "state")}
+        state = folder / "state"
+        self.config = {**SERVER, **server, "listen": f"127.0.0.1:{self.port}", "state_dir": str(state),
+                       "tls": tls_config(state)}
         (folder / "server.yaml").write_text(yaml.safe_dump(self.config))
-        for i in range(clients):
-            (folder / f"client{i}.yaml").write_text(yaml.safe_dump({
-                "name": names.format(i), "server": f"127.0.0.1:{self.port}", "weights": None, "progress": False,
-                "cache_dir": str(folder / f"cache{i}"), "task_wait_s": 2, "max_backoff_s": 2,
-                "data": {"dataset": "digits", "clients": clients, "index": i, "min_per_client": 5, **(data or {})}}))
         # one torch thread a process: four processes share this machine's cores
         self.env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
+        token = server_secrets(folder / "server.yaml", self.server_python, self.env, ROOT)
+        for i in range(clients):
+            (folder / f"client{i}.yaml").write_text(yaml.safe_dump({
+                "name": names.format(i), "server": f"localhost:{self.port}", "weights": None, "progress": False,
+                "cache_dir": str(folder / f"cache{i}"), "task_wait_s": 2, "max_backoff_s": 2,
+                "ca": str(state / "tls" / "ca.pem"), "enrollment_token": token,
+                "credential_file": str(folder / "credentials" / "{name}"),
+                "data": {"dataset": "digits", "clients": clients, "index": i, "min_per_client": 5, **(data or {})}}))
         self.clients = []
 
-    def start_server(self) -> subprocess.Popen:
+    @property
+    def server_python(self) -> str:
         # the edge environment (Python 3.9, grpcio 1.70) runs its agents against the main environment's
         # coordinator, as boards do against a newer server
-        python = os.environ.get("DELTAMASK_SERVER_PYTHON", sys.executable)
-        self.server = self._spawn("server", "server.cli", self.folder / "server.yaml", python)
+        return os.environ.get("DELTAMASK_SERVER_PYTHON", sys.executable)
+
+    def start_server(self) -> subprocess.Popen:
+        self.server = self._spawn("server", "server.cli", self.folder / "server.yaml", self.server_python)
         return self.server
 
     def start_client(self, i: int) -> subprocess.Popen:

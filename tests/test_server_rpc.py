@@ -22,6 +22,15 @@ from server.coordinator import Coordinator
 from server.evaluation import model_facts
 from server.service import Server
 from server.store import Store
+from tests.wire import Keys, enroll, secure_channel, tls_files
+
+
+def operator(coordinator) -> str:
+    """The operator credential, made as `deltamask-server operator` makes it."""
+    from server.cli import operator_credential
+
+    path = operator_credential(coordinator.config)
+    return path.read_text().strip()
 
 CONFIG = dict(backbone="tiny", weights=None, image_size=16, expected_clients=1, min_quorum=1, rounds=3,
               heartbeat_interval_s=30, head="linear_probe", local=LocalTraining(head_epochs=1))
@@ -30,16 +39,18 @@ CONFIG = dict(backbone="tiny", weights=None, image_size=16, expected_clients=1, 
 def start(tmp_path: Path, chunk_bytes: int = 1 << 20, **overrides):
     config = ServerConfig(state_dir=str(tmp_path / "state"), **{**CONFIG, **overrides})
     coordinator = Coordinator(config, model_facts(config), Store(config.state_dir))
-    server = Server(coordinator, "127.0.0.1:0", chunk_bytes=chunk_bytes)
+    tls = tls_files(tmp_path / "tls")
+    server = Server(coordinator, "127.0.0.1:0", tls=tls, chunk_bytes=chunk_bytes)
     server.start()
-    channel = grpc.insecure_channel(f"127.0.0.1:{server.port}")
-    return coordinator, server, channel
+    return coordinator, server, secure_channel(server.port, tls)
 
 
 @pytest.fixture
 def fleet(tmp_path):
     coordinator, server, channel = start(tmp_path)
-    yield coordinator, rpc.CoordinatorStub(channel), channel
+    stub = Keys().stub(channel)
+    stub.coordinator = coordinator
+    yield coordinator, stub, channel
     channel.close()
     server.stop(0)
     coordinator.store.close()
@@ -52,7 +63,7 @@ def state_bytes(folder: Path) -> dict:
 
 
 def register(stub, name="pi-1") -> pb.RegisterReply:
-    return stub.Register(pb.RegisterRequest(name=name, kind=pb.RPI4, memory_bytes=4 << 30))
+    return enroll(stub, stub.coordinator.store, name)
 
 
 def to_mask_round(coordinator, stub, device_id: str) -> pb.Task:
@@ -98,10 +109,11 @@ def code_of(call) -> grpc.StatusCode:
     return info.value.code()
 
 
-def test_registering_again_returns_the_same_device_id(fleet):
+def test_registering_again_with_the_credential_returns_the_same_device_and_no_new_credential(fleet):
     _, stub, _ = fleet
     first, again, other = register(stub), register(stub), register(stub, "pi-2")
     assert first.device_id == again.device_id != other.device_id
+    assert first.credential and not again.credential and other.credential not in ("", first.credential)
     assert first.d == 6768 and len(first.layout_digest) == 64 and first.backbone == "tiny"
 
 
@@ -116,10 +128,10 @@ def test_bad_requests_get_their_status_and_change_no_persisted_byte(fleet, tmp_p
     corrupt[len(corrupt) // 2] ^= 0xFF
     limit = coordinator.max_upload_bytes
     refusals = {
-        "unknown device": (lambda: submit(stub, "0123456789abcdef", 1, upload.payload, upload.reference_digest),
-                           grpc.StatusCode.UNAUTHENTICATED),
-        "unknown device heartbeat": (lambda: stub.Heartbeat(pb.HeartbeatRequest(device_id="nobody", round=1)),
-                                     grpc.StatusCode.UNAUTHENTICATED),
+        "another device's id": (lambda: submit(stub, "0123456789abcdef", 1, upload.payload,
+                                               upload.reference_digest), grpc.StatusCode.PERMISSION_DENIED),
+        "another device's heartbeat": (lambda: stub.Heartbeat(pb.HeartbeatRequest(device_id="nobody", round=1)),
+                                       grpc.StatusCode.PERMISSION_DENIED),
         "wrong round": (lambda: submit(stub, device, 7, upload.payload, upload.reference_digest),
                         grpc.StatusCode.FAILED_PRECONDITION),
         "closed round": (lambda: submit(stub, device, 0, upload.payload, upload.reference_digest),
@@ -142,7 +154,7 @@ def test_bad_requests_get_their_status_and_change_no_persisted_byte(fleet, tmp_p
 
 
 def test_the_same_update_twice_is_harmless_and_a_different_one_is_refused(fleet, tmp_path):
-    coordinator, stub, _ = fleet
+    coordinator, stub, channel = fleet
     device = register(stub).device_id
     task = to_mask_round(coordinator, stub, device)
     upload = mask_update(stub, device, task)
@@ -163,7 +175,9 @@ def test_the_same_update_twice_is_harmless_and_a_different_one_is_refused(fleet,
     assert coordinator.history[-1]["round"] == 1 and coordinator.history[-1]["state"] == "closed"
     late = submit(stub, device, 1, upload.payload, upload.reference_digest)  # a retry after the close
     assert late.duplicate
-    status = stub.GetStatus(pb.StatusRequest(device_id=device))
+    assert code_of(lambda: stub.GetStatus(pb.StatusRequest())) == grpc.StatusCode.UNAUTHENTICATED  # a device's
+    status = rpc.CoordinatorStub(channel).GetStatus(pb.StatusRequest(), metadata=[
+        ("authorization", "Bearer " + operator(coordinator))])
     assert status.registered == 1 and status.online == 1
     assert [(h.round, h.phase, h.state, h.received) for h in status.history] == [
         (0, pb.HEAD, "closed", 1), (1, pb.MASK, "closed", 1)]
@@ -174,7 +188,8 @@ def test_the_same_update_twice_is_harmless_and_a_different_one_is_refused(fleet,
 def test_theta_download_resumes_from_an_offset(tmp_path):
     coordinator, server, channel = start(tmp_path, chunk_bytes=4)
     try:
-        stub = rpc.CoordinatorStub(channel)
+        stub = Keys().stub(channel)
+        stub.coordinator = coordinator
         device = register(stub).device_id
         task = to_mask_round(coordinator, stub, device)
         whole = b"".join(c.data for c in stub.FetchTheta(pb.FetchRequest(device_id=device, round=1)))
@@ -216,7 +231,13 @@ def test_reflection_lists_the_services_to_a_client_that_knows_nothing_of_them(fl
     stub = reflection_pb2_grpc.ServerReflectionStub(channel)
     replies = stub.ServerReflectionInfo(iter([reflection_pb2.ServerReflectionRequest(list_services="")]))
     names = {s.name for s in next(replies).list_services_response.service}
-    assert {"deltamask.v1.Coordinator", "grpc.health.v1.Health", "grpc.reflection.v1alpha.ServerReflection"} <= names
+    assert {"deltamask.v1.Coordinator", "grpc.health.v1.Health", "grpc.reflection.v1alpha.ServerReflection",
+            "grpc.reflection.v1.ServerReflection"} <= names
+    v1 = channel.stream_stream("/grpc.reflection.v1.ServerReflection/ServerReflectionInfo",
+                               request_serializer=reflection_pb2.ServerReflectionRequest.SerializeToString,
+                               response_deserializer=reflection_pb2.ServerReflectionResponse.FromString)
+    reply = next(v1(iter([reflection_pb2.ServerReflectionRequest(list_services="")])))  # v1: same messages
+    assert "deltamask.v1.Coordinator" in {s.name for s in reply.list_services_response.service}
     replies = stub.ServerReflectionInfo(iter([reflection_pb2.ServerReflectionRequest(
         file_containing_symbol="deltamask.v1.Coordinator")]))
     assert next(replies).file_descriptor_response.file_descriptor_proto  # the schema itself is served
@@ -239,9 +260,10 @@ def test_agent_keepalive_pings_are_ones_the_coordinator_accepts():
     """An agent idle for an hour of training keeps its channel: it pings while no call is in flight, and
     never more often than the coordinator tolerates (else GOAWAY "too_many_pings" drops the channel)."""
     from edge_client.transport import CHANNEL_OPTIONS
-    from server.service import SERVER_OPTIONS
+    from server.config import Limits
+    from server.service import server_options
 
-    client, server = dict(CHANNEL_OPTIONS), dict(SERVER_OPTIONS)
+    client, server = dict(CHANNEL_OPTIONS), dict(server_options(Limits()))
     assert client["grpc.keepalive_permit_without_calls"] == 1 and server["grpc.keepalive_permit_without_calls"] == 1
     assert client["grpc.http2.max_pings_without_data"] == 0  # no cap on pings between calls
     assert client["grpc.keepalive_time_ms"] >= server["grpc.http2.min_recv_ping_interval_without_data_ms"]

@@ -35,21 +35,23 @@ MASK: Phase
 DONE: Phase
 
 class RegisterRequest(_message.Message):
-    __slots__ = ("name", "kind", "memory_bytes", "preferred_codec", "agent_version")
+    __slots__ = ("name", "kind", "memory_bytes", "preferred_codec", "agent_version", "enrollment_token")
     NAME_FIELD_NUMBER: _ClassVar[int]
     KIND_FIELD_NUMBER: _ClassVar[int]
     MEMORY_BYTES_FIELD_NUMBER: _ClassVar[int]
     PREFERRED_CODEC_FIELD_NUMBER: _ClassVar[int]
     AGENT_VERSION_FIELD_NUMBER: _ClassVar[int]
+    ENROLLMENT_TOKEN_FIELD_NUMBER: _ClassVar[int]
     name: str
     kind: DeviceKind
     memory_bytes: int
     preferred_codec: str
     agent_version: str
-    def __init__(self, name: _Optional[str] = ..., kind: _Optional[_Union[DeviceKind, str]] = ..., memory_bytes: _Optional[int] = ..., preferred_codec: _Optional[str] = ..., agent_version: _Optional[str] = ...) -> None: ...
+    enrollment_token: str
+    def __init__(self, name: _Optional[str] = ..., kind: _Optional[_Union[DeviceKind, str]] = ..., memory_bytes: _Optional[int] = ..., preferred_codec: _Optional[str] = ..., agent_version: _Optional[str] = ..., enrollment_token: _Optional[str] = ...) -> None: ...
 
 class RegisterReply(_message.Message):
-    __slots__ = ("device_id", "heartbeat_interval_s", "backbone", "blocks", "image_size", "d", "layout_digest", "num_classes", "max_upload_bytes")
+    __slots__ = ("device_id", "heartbeat_interval_s", "backbone", "blocks", "image_size", "d", "layout_digest", "num_classes", "max_upload_bytes", "credential")
     DEVICE_ID_FIELD_NUMBER: _ClassVar[int]
     HEARTBEAT_INTERVAL_S_FIELD_NUMBER: _ClassVar[int]
     BACKBONE_FIELD_NUMBER: _ClassVar[int]
@@ -59,6 +61,7 @@ class RegisterReply(_message.Message):
     LAYOUT_DIGEST_FIELD_NUMBER: _ClassVar[int]
     NUM_CLASSES_FIELD_NUMBER: _ClassVar[int]
     MAX_UPLOAD_BYTES_FIELD_NUMBER: _ClassVar[int]
+    CREDENTIAL_FIELD_NUMBER: _ClassVar[int]
     device_id: str
     heartbeat_interval_s: float
     backbone: str
@@ -68,7 +71,8 @@ class RegisterReply(_message.Message):
     layout_digest: str
     num_classes: int
     max_upload_bytes: int
-    def __init__(self, device_id: _Optional[str] = ..., heartbeat_interval_s: _Optional[float] = ..., backbone: _Optional[str] = ..., blocks: _Optional[int] = ..., image_size: _Optional[int] = ..., d: _Optional[int] = ..., layout_digest: _Optional[str] = ..., num_classes: _Optional[int] = ..., max_upload_bytes: _Optional[int] = ...) -> None: ...
+    credential: str
+    def __init__(self, device_id: _Optional[str] = ..., heartbeat_interval_s: _Optional[float] = ..., backbone: _Optional[str] = ..., blocks: _Optional[int] = ..., image_size: _Optional[int] = ..., d: _Optional[int] = ..., layout_digest: _Optional[str] = ..., num_classes: _Optional[int] = ..., max_upload_bytes: _Optional[int] = ..., credential: _Optional[str] = ...) -> None: ...
 
 class HeartbeatRequest(_message.Message):
     __slots__ = ("device_id", "round")

@@ -70,7 +70,8 @@ class CoordinatorServicer(object):
     """Missing associated documentation comment in .proto file."""
 
     def Register(self, request, context):
-        """Register a device; registering again under the same name returns the same device id.
+        """Enroll a device (with an enrollment token: the reply carries its new credential) or, with its
+        credential as call metadata, register it again after a restart (same id, no new credential).
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
