@@ -4,7 +4,8 @@
 
 Embedded default: MobileNetV2 (ImageNet weights, offline copy) on Fashion-MNIST at 64x64; the three
 agents split a training subset by Dirichlet(10), the coordinator scores theta on 1,000 held-out
-images after every round. Prints one line per round (accuracy, uplink and downlink bits per
+images after every round. Secure as a deployment is: the demo makes a CA and a server certificate, and
+one enrollment token for three devices; the agents enroll over TLS and call with their own credentials. Prints one line per round (accuracy, uplink and downlink bits per
 parameter) and exits 0 when every process finished cleanly. Logs go to the run folder.
 """
 import argparse
@@ -31,14 +32,27 @@ def free_port() -> int:
 
 def write_configs(folder: Path, args, names: str = "demo-{}", policy: Optional[Dict] = None) -> Path:
     """server.yaml and client<i>.yaml in `folder`; `policy` overrides round-policy keys (benchmarks/parity.py)."""
-    port = free_port()
-    server = {"listen": f"127.0.0.1:{port}", "state_dir": str(folder / "state"), "backbone": "mobilenet_v2",
+    from server.security import issue_token, make_tls
+    from server.store import Store
+
+    port, state = free_port(), folder / "state"
+    # TLS and credentials made on the fly, as an operator would with `deltamask-server tls` and `token`
+    tls = make_tls(state / "tls", ["localhost", "127.0.0.1"])
+    store = Store(state)
+    try:
+        token = issue_token(store, uses=CLIENTS, ttl_s=3600)
+    finally:
+        store.close()
+    server = {"listen": f"127.0.0.1:{port}", "state_dir": str(state), "backbone": "mobilenet_v2",
               "image_size": 64, "num_classes": 10, "expected_clients": CLIENTS, "min_quorum": CLIENTS,
               "rounds": args.rounds, "round_deadline_s": 900, "heartbeat_interval_s": 5, "exit_when_done": True,
+              "tls": {"cert": tls["server_pem"], "key": tls["server_key"]},
               "evaluation": {"dataset": "fashion_mnist", "root": args.data_root, "samples": 1000}, **(policy or {})}
     (folder / "server.yaml").write_text(yaml.safe_dump(server))
     for i in range(CLIENTS):
-        client = {"name": names.format(i), "server": f"127.0.0.1:{port}", "kind": "laptop",
+        client = {"name": names.format(i), "server": f"localhost:{port}", "kind": "laptop",
+                  "ca": tls["ca_pem"], "enrollment_token": token,
+                  "credential_file": str(folder / "credentials" / "{name}.credential"),
                   "cache_dir": str(folder / "prefix-cache"), "progress": False,
                   "data": {"dataset": "fashion_mnist", "root": args.data_root, "samples": args.samples,
                            "clients": CLIENTS, "index": i, "alpha": 10.0}}
