@@ -47,11 +47,15 @@ class Stats:
     def __init__(self) -> None:
         self.latency = collections.defaultdict(list)
         self.errors = collections.Counter()
+        self.details = collections.defaultdict(list)  # the first few messages of each kind of error
         self.asked = set()  # devices that have asked for work (the coordinator counts them as ready)
         self.alive = set()  # devices still running (heartbeating)
 
     def fail(self, exc: grpc.RpcError, what: str) -> None:
-        self.errors[f"{what}:{exc.code().name}"] += 1
+        key = f"{what}:{exc.code().name}"
+        self.errors[key] += 1
+        if len(self.details[key]) < 3:
+            self.details[key].append(exc.details())
 
 
 def percentiles(values) -> dict:
@@ -64,7 +68,11 @@ def percentiles(values) -> dict:
 
 async def device(i: int, args, address: str, ca: bytes, token: str, stats: Stats, deadline_s: float) -> None:
     name = f"sim-{i:05d}"
-    options = [("grpc.keepalive_time_ms", 60_000), ("grpc.max_reconnect_backoff_ms", 2000)]
+    # its own TCP + TLS connection, as a board has (gRPC would otherwise share one connection between every
+    # channel of this process with the same target and options, and 2,000 devices' calls on one HTTP/2
+    # connection is a load no coordinator meets: the server cancels the streams beyond its limit)
+    options = [("grpc.keepalive_time_ms", 60_000), ("grpc.max_reconnect_backoff_ms", 2000),
+               ("grpc.use_local_subchannel_pool", 1)]
     async with grpc.aio.secure_channel(address, grpc.ssl_channel_credentials(ca), options=options) as channel:
         stub = rpc.CoordinatorStub(channel)
         while True:
@@ -227,7 +235,7 @@ def main(argv=None) -> int:
         server.terminate()
         server.wait(60)
     stats = result["stats"]
-    print(json.dumps({"devices": args.devices, "rounds": result["rounds"], "errors": dict(stats.errors),
+    print(json.dumps({"devices": args.devices, "rounds": result["rounds"], "errors": dict(stats.errors), "error_details": dict(stats.details),
                       "error_count": sum(stats.errors.values()), "false_offline": result["false_offline"],
                       "status_samples": result["status_samples"], "heartbeat_interval_s": args.heartbeat,
                       "rho": args.rho, "d": args.d, "train_s": args.train_s,

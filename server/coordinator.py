@@ -42,7 +42,7 @@ from deltamask.transfer import sha256_hex
 from server import recovery
 from server.config import ServerConfig
 from server.security import digest, matches, new_secret, parse_secret
-from server.store import Store
+from server.store import Store, crashpoint
 
 log = logging.getLogger(__name__)
 IDLE, DONE = "idle", "done"
@@ -102,6 +102,8 @@ class Device:
     codec: str
     credential_sha256: Optional[str] = None  # the digest of its credential (None: it has none, cannot call)
     told_done: bool = False  # it has been told that training is over (kept across restarts)
+    enrolled_with: Optional[str] = None  # the enrollment token's id
+    credential_seen: bool = False  # it has called with its credential (so it holds it)
     last_seen: float = 0.0  # the last call from it (any RPC: heartbeats, long polls, uploads)
     ready: bool = False  # it has asked for work since it registered (it is not still loading its model)
 
@@ -172,6 +174,7 @@ class Coordinator:
         self._stopping = threading.Event()
         self._alive_at = 0.0
         self._told_unsaved: set = set()
+        self._seen_unsaved: set = set()
         self._recover()
 
     @property
@@ -192,7 +195,7 @@ class Coordinator:
                 raise ValueError(f"state in {s.folder} is for {key} = {stored}, this configuration has {value}; "
                                  f"use another state_dir")
         for row in s.devices():
-            row["told_done"] = bool(row["told_done"])
+            row["told_done"], row["credential_seen"] = bool(row["told_done"]), bool(row["credential_seen"])
             self.devices[row["device_id"]] = Device(**row)
         rows = s.rounds()
         finished = [r for r in rows if r["state"] != "open"]
@@ -271,7 +274,10 @@ class Coordinator:
 
         A fleet token enrolls new names only; a device token (made for one name) enrolls that name, and
         re-enrolls it when it exists (a reinstalled board): the old credential stops working. The token's
-        expiry is checked on this clock, its uses are spent in the same transaction that writes the device."""
+        expiry is checked on this clock, its uses are spent in the same transaction that writes the device.
+        An enrollment whose reply was lost (the coordinator died after its commit, the network dropped) may be
+        repeated with the same token, spent or not, until the device first calls with its credential: it
+        gets a new credential and spends nothing."""
         if not NAME.match(name or ""):
             raise InvalidUpdate(f"device name {name!r}: 1 to 64 letters, digits or ._@:- (starting with a letter "
                                 f"or digit)")
@@ -289,7 +295,11 @@ class Coordinator:
                                  (token_id,)).fetchone()
                 if row is None or not matches(secret, row[0]):
                     raise Unauthenticated("unknown enrollment token")
-                if row[2] <= self.clock():
+                retry = (existing is not None and existing.enrolled_with == token_id
+                         and not existing.credential_seen)
+                if retry:
+                    pass
+                elif row[2] <= self.clock():
                     raise Unauthenticated("enrollment token expired; make a new one (deltamask-server token)")
                 if row[3] is not None and row[3] <= 0:
                     raise Unauthenticated("enrollment token already used; make a new one (deltamask-server token)")
@@ -299,21 +309,23 @@ class Coordinator:
                     raise PermissionDenied(f"device {name!r} is already enrolled: register with its credential, or "
                                            f"enroll with a token made for this name (deltamask-server token --name)")
                 if existing is not None:
-                    db.execute("UPDATE devices SET credential_sha256 = ? WHERE device_id = ?",
-                               (digest(credential), device_id))
+                    db.execute("UPDATE devices SET credential_sha256 = ?, enrolled_with = ?, credential_seen = 0 "
+                               "WHERE device_id = ?", (digest(credential), token_id, device_id))
                 else:
-                    db.execute("INSERT INTO devices VALUES (?, ?, ?, ?, ?, ?, ?, 0)",
-                               (device_id, name, kind, int(memory_bytes), codec, time.time(), digest(credential)))
-                if row[3] is not None:
+                    db.execute("INSERT INTO devices VALUES (?, ?, ?, ?, ?, ?, ?, 0, ?, 0)",
+                               (device_id, name, kind, int(memory_bytes), codec, time.time(), digest(credential),
+                                token_id))
+                if row[3] is not None and not retry:
                     db.execute("UPDATE tokens SET uses_left = uses_left - 1 WHERE token_id = ?", (token_id,))
             with self.lock:
                 if existing is not None:
                     existing.credential_sha256, existing.ready = digest(credential), False
+                    existing.enrolled_with, existing.credential_seen = token_id, False
                     existing.last_seen = self.clock()
                     device = existing
                 else:
                     device = Device(device_id, name, kind, int(memory_bytes), codec, digest(credential),
-                                    last_seen=self.clock())
+                                    enrolled_with=token_id, last_seen=self.clock())
                     self.devices[device_id] = device
                 self._changed()
         log.info("enrolled %s (%s) as %s%s", name, kind, device_id, " (new credential)" if existing else "")
@@ -330,6 +342,10 @@ class Coordinator:
             device = self.devices.get(device_id)
         if device is None or not matches(credential, device.credential_sha256):
             raise Unauthenticated("unknown or replaced device credential: enroll again with a token")
+        if not device.credential_seen:  # from now on its enrollment cannot be repeated (recorded by flush)
+            with self.lock:
+                device.credential_seen = True
+                self._seen_unsaved.add(device.device_id)
         return device
 
     def authorize_operator(self, credential: str) -> None:
@@ -440,11 +456,13 @@ class Coordinator:
                     "history": list(self.history)}
 
     def flush_told(self) -> None:
-        """Record which devices have been told that training is over (a restart tells the others)."""
+        """Record which devices have been told that training is over (a restart tells the others), and which
+        have called with their credential (kept off the event loop: the rounds thread and the CLI call this)."""
         with self.lock:
             told, self._told_unsaved = self._told_unsaved, set()
-        for device_id in sorted(told):
-            self.store.set_told_done(device_id)
+            seen, self._seen_unsaved = self._seen_unsaved, set()
+        if told or seen:
+            self.store.set_flags(sorted(told), sorted(seen))
 
     @property
     def stopping(self) -> bool:
@@ -490,6 +508,7 @@ class Coordinator:
             self.step()
             if time.monotonic() - self._alive_at >= ALIVE_S:
                 self.store.set_meta("alive_at", repr(self.clock()))
+                self.flush_told()
                 self._alive_at = time.monotonic()
             with self.lock:
                 if not self.done.is_set():
@@ -513,6 +532,7 @@ class Coordinator:
         r = OpenRound(plan.index, plan.phase, plan.seed, plan.kappa, selected, self.clock() + c.round_deadline_s,
                       plan.mask_round, plan.reset, task=device_task(c, plan))
         self.store.open_round({k: v for k, v in vars(r).items() if k != "thresholds"})
+        crashpoint("open-row")
         if plan.phase == MASK:
             self.agg.open_mask(plan)
         r.thresholds = self.agg.thresholds
@@ -539,7 +559,9 @@ class Coordinator:
         head_rounds = self.head_rounds + (state == "closed" and r.phase == HEAD)
         mask_rounds = self.mask_rounds + (state == "closed" and r.phase == MASK)
         counts_sha = self.store.save_counts(r.round, self.counts.ones)
+        crashpoint("close-counts")
         theta_sha = self.store.save_theta(r.round + 1, wire)
+        crashpoint("close-theta")
         up = {dev: 8 * n / self.d for dev, n in r.nbytes.items()}
         summary = {"round": r.round, "phase": r.phase, "state": state, "selected": len(r.selected),
                    "received": len(r.received), "lost": sorted(set(r.selected) - set(r.received)),
@@ -559,6 +581,7 @@ class Coordinator:
         if r.last_upload:
             summary["round_close_s"] = round(time.perf_counter() - r.last_upload, 4)
         self.store.close_round(r.round, state, summary)
+        crashpoint("close-row")
         self.store.prune(r.round - 1)
         with self.lock:
             self.wire, self.theta_digest = wire, theta_sha

@@ -18,6 +18,7 @@ import hashlib
 import io
 import json
 import os
+import signal
 import sqlite3
 import threading
 import time
@@ -30,7 +31,8 @@ SCHEMA = """
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
 CREATE TABLE IF NOT EXISTS devices (
     device_id TEXT PRIMARY KEY, name TEXT UNIQUE NOT NULL, kind TEXT NOT NULL, memory_bytes INTEGER,
-    codec TEXT, registered_at REAL NOT NULL, credential_sha256 TEXT, told_done INTEGER NOT NULL DEFAULT 0);
+    codec TEXT, registered_at REAL NOT NULL, credential_sha256 TEXT, told_done INTEGER NOT NULL DEFAULT 0,
+    enrolled_with TEXT, credential_seen INTEGER NOT NULL DEFAULT 0);
 CREATE TABLE IF NOT EXISTS tokens (
     token_id TEXT PRIMARY KEY, secret_sha256 TEXT NOT NULL, name TEXT, expires_at REAL NOT NULL,
     uses_left INTEGER, created_at REAL NOT NULL);
@@ -45,11 +47,29 @@ CREATE TABLE IF NOT EXISTS updates (
 """
 
 
+# A test hook for the crash campaign (benchmarks/crash.py): DELTAMASK_CRASH_AT="point:n" kills this process
+# (SIGKILL, nothing flushed) the n-th time it passes `crashpoint("point")`. Unset, it costs one comparison.
+_CRASH_AT = os.environ.get("DELTAMASK_CRASH_AT", "")
+_passes: Dict[str, int] = {}
+
+
+def crashpoint(name: str) -> None:
+    if not _CRASH_AT:
+        return
+    point, _, n = _CRASH_AT.partition(":")
+    if point == name:
+        _passes[name] = _passes.get(name, 0) + 1
+        if _passes[name] >= int(n or 1):
+            os.kill(os.getpid(), signal.SIGKILL)
+
+
 def write_atomic(path: Path, data: bytes) -> None:
     """Write, fsync, rename over `path`, fsync the folder."""
     tmp = path.with_name(path.name + ".tmp")
     with open(tmp, "wb") as f:
-        f.write(data)
+        f.write(data[:len(data) // 2])
+        crashpoint("write-half")  # a torn temporary file
+        f.write(data[len(data) // 2:])
         f.flush()
         os.fsync(f.fileno())
     os.replace(tmp, path)
@@ -74,7 +94,8 @@ class Store:
         self.db.execute("PRAGMA synchronous=FULL")
         self.db.executescript(SCHEMA)
         columns = {row[1] for row in self.db.execute("PRAGMA table_info(devices)")}
-        for column, kind in (("credential_sha256", "TEXT"), ("told_done", "INTEGER NOT NULL DEFAULT 0")):
+        for column, kind in (("credential_sha256", "TEXT"), ("told_done", "INTEGER NOT NULL DEFAULT 0"),
+                             ("enrolled_with", "TEXT"), ("credential_seen", "INTEGER NOT NULL DEFAULT 0")):
             if column not in columns:  # state written before devices had credentials
                 self.db.execute(f"ALTER TABLE devices ADD COLUMN {column} {kind}")
 
@@ -93,16 +114,19 @@ class Store:
     # --- devices ------------------------------------------------------------------------------------
     def add_device(self, device_id: str, name: str, kind: str, memory_bytes: int, codec: str,
                    credential_sha256: Optional[str] = None) -> None:
-        self._write([("INSERT INTO devices VALUES (?, ?, ?, ?, ?, ?, ?, 0)",
+        self._write([("INSERT INTO devices VALUES (?, ?, ?, ?, ?, ?, ?, 0, NULL, 0)",
                       (device_id, name, kind, memory_bytes, codec, time.time(), credential_sha256))])
 
     def devices(self) -> List[Dict[str, Any]]:
-        keys = ("device_id", "name", "kind", "memory_bytes", "codec", "credential_sha256", "told_done")
+        keys = ("device_id", "name", "kind", "memory_bytes", "codec", "credential_sha256", "told_done",
+                "enrolled_with", "credential_seen")
         rows = self._all(f"SELECT {', '.join(keys)} FROM devices ORDER BY registered_at")
         return [dict(zip(keys, r)) for r in rows]
 
-    def set_told_done(self, device_id: str) -> None:
-        self._write([("UPDATE devices SET told_done = 1 WHERE device_id = ?", (device_id,))])
+    def set_flags(self, told_done=(), credential_seen=()) -> None:
+        """Mark devices as told that training is over, and as having called with their credential."""
+        self._write([("UPDATE devices SET told_done = 1 WHERE device_id = ?", (i,)) for i in told_done] +
+                    [("UPDATE devices SET credential_seen = 1 WHERE device_id = ?", (i,)) for i in credential_seen])
 
     # --- enrollment ---------------------------------------------------------------------------------
     def add_token(self, token_id: str, secret_sha256: str, name: Optional[str], expires_at: float,
@@ -160,9 +184,11 @@ class Store:
         path = self.update_path(round_index, device_id)
         path.parent.mkdir(exist_ok=True)
         write_atomic(path, payload)
+        crashpoint("upload-file")
         self._write([("INSERT INTO updates VALUES (?, ?, ?, ?, ?, ?, ?)",
                       (round_index, device_id, sha256, len(payload), reference_digest, json.dumps(metrics),
                        time.time()))])
+        crashpoint("upload-row")  # persisted, not yet acknowledged
 
     def updates(self, round_index: int) -> List[Dict[str, Any]]:
         keys = ("device_id", "sha256", "nbytes", "reference_digest", "metrics")
