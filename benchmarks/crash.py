@@ -1,8 +1,8 @@
 """Crash campaign: SIGKILL a real coordinator process at random points, restart it, and check what it kept.
 
-    python benchmarks/crash.py --runs 100 [--seed 0] [--keep DIR]     # one JSON object; exit 1 on a violation
+    python benchmarks/crash.py --runs 100 [--jobs 2] [--seed 0] [--keep DIR]   # one JSON object; exit 1 on a violation
 
-Each run is one federation (4 devices over TLS, d = 4096, no model: a head round then 5 mask rounds, each
+Each run is one federation (4 devices over TLS, d = 4096, no model: a head round then 8 mask rounds, each
 device's upload a real reference mask and delta) during which the coordinator is killed `--kills` times
 (default 3), each time either after a random delay (mid-upload, mid-poll, mid-close: wherever it is) or at
 a named point inside its writes (DELTAMASK_CRASH_AT: half-way through a file, between a file and its row,
@@ -50,7 +50,7 @@ from deltamask.thetawire import decode_theta, encode_theta  # noqa: E402
 from deltamask.v1 import coordinator_pb2 as pb  # noqa: E402
 from edge_client.transport import Backoff, connect, fetch_theta, retrying, submit_update  # noqa: E402
 
-D, CLASSES, DEVICES, ROUNDS = 4096, 3, 4, 10
+D, CLASSES, DEVICES, ROUNDS = 4096, 3, 4, 8
 POINTS = ["write-half", "upload-file", "upload-row", "open-row", "close-counts", "close-theta", "close-row"]
 THETA0 = 0.999
 
@@ -241,11 +241,11 @@ def run_one(index: int, rng: random.Random, folder: Path, kills: int) -> dict:
             server.wait()
             server = start(point)
             try:
-                code = server.wait(timeout=15)
+                code = server.wait(timeout=10)
                 events.append(f"killed at {point}" if code == -signal.SIGKILL else f"ended ({code}) before {point}")
             except subprocess.TimeoutExpired:
                 server.send_signal(signal.SIGKILL)
-                events.append(f"{point} not reached in 15 s: killed")
+                events.append(f"{point} not reached in 10 s: killed")
         server.wait()
         if rng.random() < 0.25 / max(1, kills) * kills and not damaged:
             what = damage(state, rng)
@@ -282,13 +282,18 @@ def run_one(index: int, rng: random.Random, folder: Path, kills: int) -> dict:
             "violations": violations}
 
 
-def campaign(runs: int, seed: int, folder: Path, kills: int = 3, progress=None) -> dict:
-    rng = random.Random(seed)
-    results = []
-    for i in range(runs):
-        results.append(run_one(i, rng, folder / f"run-{i:03d}", kills))
+def campaign(runs: int, seed: int, folder: Path, kills: int = 3, progress=None, jobs: int = 1) -> dict:
+    """`runs` runs, `jobs` at a time; run i draws its kills from its own seeded generator (seed, i)."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    def one(i: int) -> dict:
+        result = run_one(i, random.Random(seed * 100_003 + i), folder / f"run-{i:03d}", kills)
         if progress:
-            progress(results[-1])
+            progress(result)
+        return result
+
+    with ThreadPoolExecutor(max_workers=jobs) as pool:
+        results = list(pool.map(one, range(runs)))
     points = {}
     for r in results:
         for e in r["events"]:
@@ -307,6 +312,7 @@ def main(argv=None) -> int:
     parser.add_argument("--runs", type=int, default=100)
     parser.add_argument("--kills", type=int, default=3, help="SIGKILLs per run")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--jobs", type=int, default=2, help="runs at a time (each is its own coordinator)")
     parser.add_argument("--keep", default=None, help="keep every run's folder here")
     args = parser.parse_args(argv)
     logging.getLogger("edge_client").setLevel(logging.ERROR)  # the devices' retries through every restart
@@ -316,7 +322,7 @@ def main(argv=None) -> int:
         print(f"run {r['run']}: {'; '.join(r['events'])}{' damaged ' + r['damaged'][0] if r['damaged'] else ''}"
               f" -> {len(r['violations'])} violations", file=sys.stderr, flush=True)
 
-    summary = campaign(args.runs, args.seed, folder, args.kills, progress)
+    summary = campaign(args.runs, args.seed, folder, args.kills, progress, args.jobs)
     print(json.dumps(summary))
     return 1 if summary["violations"] else 0
 

@@ -150,10 +150,10 @@ async def device(i: int, args, address: str, ca: bytes, token: str, stats: Stats
 async def drive(args, address: str, ca: bytes, token: str, operator: str, server: subprocess.Popen) -> dict:
     stats = Stats()
     tasks = []
-    for i in range(args.devices):  # enrollments spread over the first seconds, as a fleet powering up
+    for i in range(args.devices):  # devices power up at --ramp a second
         tasks.append(asyncio.ensure_future(device(i, args, address, ca, token, stats, args.deadline)))
-        if i % 50 == 49:
-            await asyncio.sleep(0.05)
+        if i % 10 == 9:
+            await asyncio.sleep(10 / args.ramp)
     false_offline, samples, reply = 0, 0, None
     async with grpc.aio.secure_channel(address, grpc.ssl_channel_credentials(ca)) as channel:
         status = rpc.CoordinatorStub(channel)
@@ -198,6 +198,8 @@ def main(argv=None) -> int:
     parser.add_argument("--deadline", type=float, default=120.0, help="round deadline (s)")
     parser.add_argument("--train-s", type=float, default=None,
                         help="a selected device 'trains' 0.5 to 1.5 times this long (default: 2 heartbeat intervals)")
+    parser.add_argument("--ramp", type=float, default=200.0,
+                        help="devices starting per second (each a new TLS connection and an enrollment)")
     parser.add_argument("--keep", default=None, help="keep the coordinator's folder here")
     args = parser.parse_args(argv)
     if args.train_s is None:
@@ -238,7 +240,7 @@ def main(argv=None) -> int:
     print(json.dumps({"devices": args.devices, "rounds": result["rounds"], "errors": dict(stats.errors), "error_details": dict(stats.details),
                       "error_count": sum(stats.errors.values()), "false_offline": result["false_offline"],
                       "status_samples": result["status_samples"], "heartbeat_interval_s": args.heartbeat,
-                      "rho": args.rho, "d": args.d, "train_s": args.train_s,
+                      "rho": args.rho, "d": args.d, "train_s": args.train_s, "ramp_per_s": args.ramp,
                       "heartbeat": percentiles(stats.latency["heartbeat"]),
                       "task_delivery": percentiles(stats.latency["task_delivery"]),
                       "submit": percentiles(stats.latency["submit"]), **used,

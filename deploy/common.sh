@@ -252,6 +252,7 @@ dm_install_config() {
             -e "s|^kind: [a-z0-9-]*|kind: $BOARD|" \
             -e "s|^cache_dir: .*|cache_dir: /var/cache/deltamask/prefix   # the unit's CacheDirectory|" \
             -e "s|^progress: .*|progress: false                   # no progress bars in the journal|" \
+            -e "s|^credential_file: .*|credential_file: /var/lib/deltamask/{name}.credential   # the unit's StateDirectory|" \
             -e "1s|.*|# /etc/deltamask/agent.yaml, read by deltamask-agent.service (from edge_client/example.yaml)|" \
             "$example" | dm_write "$dest" 0640 "root:$DM_USER"
     else

@@ -48,7 +48,7 @@ RUN if [ "$FASHION_MNIST" = 1 ]; then apt-get update \
       && apt-get install -y --no-install-recommends dataset-fashion-mnist \
       && rm -rf /var/lib/apt/lists/*; fi \
  && useradd --system --uid 10001 --user-group --create-home --home-dir /home/deltamask deltamask \
- && mkdir -p /var/lib/deltamask/prefix-cache /data \
+ && mkdir -p /var/lib/deltamask/prefix-cache /var/lib/deltamask/agent /data \
  && chown -R deltamask:deltamask /var/lib/deltamask /data
 COPY --from=build /opt/venv /opt/venv
 COPY --from=build /opt/deltamask /opt/deltamask

@@ -48,20 +48,21 @@ RUN if [ "$FASHION_MNIST" = 1 ]; then apt-get update \
       && apt-get install -y --no-install-recommends dataset-fashion-mnist \
       && rm -rf /var/lib/apt/lists/*; fi \
  && useradd --system --uid 10001 --user-group --create-home --home-dir /home/deltamask deltamask \
- && mkdir -p /var/lib/deltamask/state /data \
+ && mkdir -p /var/lib/deltamask/state /var/lib/deltamask/enroll /data \
  && chown -R deltamask:deltamask /var/lib/deltamask /data
 COPY --from=build /opt/venv /opt/venv
 COPY --from=build /opt/deltamask /opt/deltamask
 COPY docker/config/ /etc/deltamask/
 # DELTAMASK_DATA: a mounted /data/fashion-mnist is read before Debian's copy in /usr/share/datasets;
 # DELTAMASK_CACHE: the membership kernel compiled in the build stage (no compiler here)
-ENV PATH=/opt/venv/bin:$PATH PYTHONUNBUFFERED=1 DELTAMASK_DATA=/data DELTAMASK_CACHE=/opt/deltamask/kernel
+ENV PATH=/opt/venv/bin:$PATH PYTHONUNBUFFERED=1 DELTAMASK_DATA=/data DELTAMASK_CACHE=/opt/deltamask/kernel \
+    DELTAMASK_CA=/var/lib/deltamask/state/tls/ca.pem
 USER deltamask
 WORKDIR /var/lib/deltamask
 VOLUME ["/var/lib/deltamask/state"]
 EXPOSE 50051
-# the standard gRPC health service (server/healthcheck.py); the first start loads the model and the
-# evaluation data before it listens, hence the start period
+# the standard gRPC health service (server/healthcheck.py, over TLS with the CA in $DELTAMASK_CA); the first
+# start loads the model and the evaluation data before it listens, hence the start period
 HEALTHCHECK --interval=15s --timeout=10s --start-period=180s --retries=3 \
   CMD ["python", "-m", "server.healthcheck", "127.0.0.1:50051", "--quiet"]
 ENTRYPOINT ["deltamask-server"]

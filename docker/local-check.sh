@@ -87,6 +87,7 @@ mkdir -p "$WORK/config"
 cat > "$WORK/config/server.yaml" <<EOF
 listen: "0.0.0.0:$PORT"
 state_dir: /var/lib/deltamask/state
+tls: {cert: /var/lib/deltamask/state/tls/server.pem, key: /var/lib/deltamask/state/tls/server.key}
 backbone: mobilenet_v2
 image_size: 64
 num_classes: 10
@@ -101,7 +102,10 @@ EOF
 for i in $(seq 0 $((CLIENTS - 1))); do
   cat > "$WORK/config/client$i.yaml" <<EOF
 name: check-$i
-server: "127.0.0.1:$PORT"
+server: "localhost:$PORT"
+ca: /etc/deltamask-check/enroll/ca.pem
+enrollment_token_file: /etc/deltamask-check/enroll/token
+credential_file: /var/lib/deltamask/prefix-cache/{name}.credential
 kind: laptop
 cache_dir: /var/lib/deltamask/prefix-cache
 progress: false
@@ -120,7 +124,17 @@ cleanup
 trap cleanup EXIT
 RUN=("${P[@]}" run -d --network host --ulimit host -e HF_HUB_OFFLINE=1 -v "$WORK/config:/etc/deltamask-check:ro")
 
-say "coordinator (host network, port $PORT)"
+say "TLS and an enrollment token, made by the coordinator image (deltamask-server tls, token)"
+mkdir -p "$WORK/config/enroll"
+chmod 0777 "$WORK/config/enroll"
+"${P[@]}" run --rm -v dm-check-state:/var/lib/deltamask/state -v "$WORK/config:/etc/deltamask-check" \
+  --entrypoint sh "$COORDINATOR_IMAGE" -c "set -e
+    deltamask-server tls --config /etc/deltamask-check/server.yaml --hosts localhost,127.0.0.1 >/dev/null
+    deltamask-server token --config /etc/deltamask-check/server.yaml --uses $CLIENTS > /etc/deltamask-check/enroll/token
+    cp /var/lib/deltamask/state/tls/ca.pem /etc/deltamask-check/enroll/ca.pem"
+chmod -R a+rX "$WORK/config"
+
+say "coordinator (host network, port $PORT, TLS)"
 t0=$(date +%s)
 "${RUN[@]}" --name dm-check-coordinator -v dm-check-state:/var/lib/deltamask/state \
   "$COORDINATOR_IMAGE" --config /etc/deltamask-check/server.yaml

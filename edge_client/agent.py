@@ -35,7 +35,8 @@ class Agent:
     def __init__(self, config: AgentConfig) -> None:
         self.config = config
         self.credential = _read_secret(config.credential_path)
-        self.stub = connect(config.server, config.ca, lambda: self.credential, config.max_backoff_s, config.insecure)
+        self.stub = connect(config.server, config.ca, lambda: self.credential, config.max_backoff_s, config.insecure,
+                            config.client_cert, config.client_key)
         self.stop = threading.Event()
         self.device_id = ""
         self.working_round = -1

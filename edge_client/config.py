@@ -62,6 +62,8 @@ class AgentConfig:
     max_backoff_s: float = 60.0
     ca: Optional[str] = None  # the coordinator's CA certificate (PEM); required unless insecure
     insecure: bool = False  # plaintext, for a coordinator started with insecure: true
+    client_cert: Optional[str] = None  # mutual TLS (a coordinator with tls.client_ca): this device's certificate
+    client_key: Optional[str] = None  # and its key (deltamask-server client-cert makes both)
     enrollment_token: Optional[str] = None  # to enroll (once); or enrollment_token_file
     enrollment_token_file: Optional[str] = None
     credential_file: str = "~/.local/state/deltamask/{name}.credential"  # written at enrollment, mode 0600
@@ -74,6 +76,8 @@ class AgentConfig:
             raise ValueError("name must not be empty")
         if self.kind not in KINDS:
             raise ValueError(f"kind must be one of {', '.join(KINDS)}, got {self.kind!r}")
+        if bool(self.client_cert) != bool(self.client_key):
+            raise ValueError("client_cert and client_key go together (mutual TLS)")
         if not self.ca and not self.insecure:
             raise ValueError("ca: the coordinator's CA certificate file is required (or insecure: true for a "
                              "plaintext coordinator)")

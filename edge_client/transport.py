@@ -80,18 +80,27 @@ class _Details(collections.namedtuple("_Details", ("method", "timeout", "metadat
 
 
 def connect(address: str, ca: Optional[str] = None, credential: Callable[[], str] = lambda: "",
-            max_backoff_s: float = 60.0, insecure: bool = False) -> rpc.CoordinatorStub:
-    """A stub on a TLS channel that trusts the coordinator's CA certificate (the file `ca`), or on a plaintext
-    one with `insecure`; every call carries the device's credential."""
+            max_backoff_s: float = 60.0, insecure: bool = False, client_cert: Optional[str] = None,
+            client_key: Optional[str] = None) -> rpc.CoordinatorStub:
+    """A stub on a TLS channel that trusts the coordinator's CA certificate (the file `ca`; with a client
+    certificate and key for mutual TLS), or on a plaintext one with `insecure`; every call carries the
+    device's credential."""
     options = channel_options(max_backoff_s)
     if insecure:
         channel = grpc.insecure_channel(address, options=options)
     elif ca:
-        with open(ca, "rb") as f:
-            channel = grpc.secure_channel(address, grpc.ssl_channel_credentials(f.read()), options=options)
+        pem = [_read(path) for path in (ca, client_key, client_cert)]
+        channel = grpc.secure_channel(address, grpc.ssl_channel_credentials(*pem), options=options)
     else:
         raise ValueError("connecting needs the coordinator's CA certificate (ca: FILE), or insecure: true")
     return rpc.CoordinatorStub(with_credential(channel, credential))
+
+
+def _read(path: Optional[str]) -> Optional[bytes]:
+    if not path:
+        return None
+    with open(path, "rb") as f:
+        return f.read()
 
 
 def with_credential(channel: grpc.Channel, credential: Callable[[], str]) -> grpc.Channel:

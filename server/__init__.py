@@ -1,7 +1,8 @@
 """The coordinator: gRPC service, round state machine, registry, persistence (`deltamask-server`).
 
-    coordinator = Coordinator(load_config("server.yaml"), facts, Store(state_dir))
-    Server(coordinator, "[::]:50051").start()
+    config = load_config("server.yaml")
+    coordinator = Coordinator(config, facts, Store(config.state_dir))
+    Server(coordinator, "[::]:50051", tls=config.tls).start()     # server.service; TLS unless insecure=True
 
 Orchestration only: decode, aggregation and the theta wire are `deltamask`'s.
 """

@@ -1,6 +1,7 @@
 """deltamask-server: run the coordinator, and make what it needs to run securely.
 
     deltamask-server tls      --config server.yaml [--hosts coordinator.lan,10.0.0.5]   # CA + certificate
+    deltamask-server client-cert --config server.yaml --name pi-kitchen   # for mutual TLS (tls.client_ca)
     deltamask-server token    --config server.yaml [--name pi-kitchen] [--ttl 24h] [--uses 1]
     deltamask-server operator --config server.yaml    # the operator credential's file (GetStatus, admin calls)
     deltamask-server [serve]  --config server.yaml    # one JSON line per closed round on stdout
@@ -25,7 +26,7 @@ from deltamask.yamlconfig import ConfigError
 from server.config import load_config
 
 log = logging.getLogger("deltamask.server")
-COMMANDS = ("serve", "tls", "token", "operator")
+COMMANDS = ("serve", "tls", "client-cert", "token", "operator")
 DURATION = re.compile(r"^(\d+(?:\.\d+)?)([smhd]?)$")
 
 
@@ -39,6 +40,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     sub = parser.add_subparsers(dest="command", required=True)
     commands = {name: sub.add_parser(name, help=help_) for name, help_ in (
         ("serve", "run the coordinator"), ("tls", "make a CA (once) and a server certificate in state_dir/tls"),
+        ("client-cert", "make a client certificate from the CA (mutual TLS)"),
         ("token", "make an enrollment token and print it"), ("operator", "make the operator credential's file"))}
     for p in commands.values():
         p.add_argument("--config", required=True, help="YAML configuration (see server/example.yaml)")
@@ -46,6 +48,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     commands["tls"].add_argument("--hosts", default="",
                                  help="comma-separated names and addresses devices reach the coordinator by "
                                       "(default: localhost, 127.0.0.1, ::1 and this host's name)")
+    commands["client-cert"].add_argument("--name", required=True, help="the device's name (the certificate's CN)")
     commands["token"].add_argument("--name", default=None, help="a device token for this name only (default: a "
                                                                 "fleet token, for new names)")
     commands["token"].add_argument("--ttl", default="24h", help="valid for: 90s, 30m, 24h, 7d (default 24h)")
@@ -56,7 +59,8 @@ def main(argv: Optional[List[str]] = None) -> int:
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
         config = load_config(args.config)
-        return {"serve": serve, "tls": make_tls, "token": make_token, "operator": operator}[args.command](config, args)
+        return {"serve": serve, "tls": make_tls, "client-cert": client_cert, "token": make_token,
+                "operator": operator}[args.command](config, args)
     except (ConfigError, DeltaMaskError, ValueError, OSError) as exc:
         print(f"deltamask-server: error: {exc}", file=sys.stderr)
         return 2
@@ -71,6 +75,17 @@ def make_tls(config, args) -> int:
     print(f"# a server certificate for {', '.join(hosts)}, signed by the CA in {folder}\n"
           f"# add to {args.config}:\ntls:\n  cert: {paths['server_pem']}\n  key: {paths['server_key']}\n"
           f"# and give devices the CA certificate (not its key): {paths['ca_pem']}")
+    return 0
+
+
+def client_cert(config, args) -> int:
+    from server.security import make_client_cert
+
+    paths = make_client_cert(Path(config.state_dir) / "tls", args.name)
+    print(f"# a client certificate for {args.name}; on the device (agent.yaml):\n"
+          f"client_cert: {paths['cert']}\nclient_key: {paths['key']}\n"
+          f"# and on the coordinator (server.yaml), to require one from every device:\n"
+          f"#   tls: {{client_ca: {Path(config.state_dir) / 'tls' / 'ca.pem'}}}")
     return 0
 
 

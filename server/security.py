@@ -139,4 +139,33 @@ def make_tls(folder, hosts: Iterable[str]) -> dict:
     return {k.replace(".", "_"): str(v) for k, v in paths.items()}
 
 
-__all__ = ["default_hosts", "digest", "issue_token", "make_tls", "matches", "new_secret", "parse_secret", "write_secret"]
+def make_client_cert(folder, name: str) -> dict:
+    """A client certificate for `name`, signed by the CA in `folder` (mutual TLS: tls.client_ca = ca.pem):
+    folder/clients/<name>.pem and .key (0600). Returns their paths."""
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+
+    folder = Path(folder)
+    if not (folder / "ca.key").exists():
+        raise ValueError(f"no CA in {folder}: run deltamask-server tls first")
+    ca_cert = x509.load_pem_x509_certificate((folder / "ca.pem").read_bytes())
+    ca_key = serialization.load_pem_private_key((folder / "ca.key").read_bytes(), None)
+    key = ec.generate_private_key(ec.SECP256R1())
+    now = datetime.datetime.now(datetime.timezone.utc)
+    cert = (x509.CertificateBuilder().subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, name)]))
+            .issuer_name(ca_cert.subject).public_key(key.public_key())
+            .serial_number(x509.random_serial_number()).not_valid_before(NOT_BEFORE)
+            .not_valid_after(now + datetime.timedelta(days=SERVER_DAYS))
+            .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
+            .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.CLIENT_AUTH]), critical=False)
+            .sign(ca_key, hashes.SHA256()))
+    paths = {"cert": folder / "clients" / f"{name}.pem", "key": folder / "clients" / f"{name}.key"}
+    write_secret(paths["key"], key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+                                                 serialization.NoEncryption()).decode())
+    paths["cert"].write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+    return {k: str(v) for k, v in paths.items()}
+
+
+__all__ = ["default_hosts", "make_client_cert", "digest", "issue_token", "make_tls", "matches", "new_secret", "parse_secret", "write_secret"]

@@ -148,3 +148,89 @@ def test_a_state_dir_of_another_model_is_refused(tmp_path):
     config = ServerConfig(state_dir=str(tmp_path / "state"), backbone=None, d=D + 1)
     with pytest.raises(ValueError, match="use another state_dir"):
         Coordinator(config, ModelFacts(D + 1, "layout", FEATURES), Store(config.state_dir))
+
+
+def mask_round_closed(tmp_path, clock):
+    """A coordinator past its head round and one closed mask round (3 uploads), mask round 2 open."""
+    c = make(tmp_path, clock)
+    ids = join(c, ["a", "b", "c"])
+    head(c, ids)
+    for k, i in enumerate(ids):
+        up = upload(c, i, seed=k)
+        c.submit(i, c.open.round, up.payload, up.reference_digest, {})
+    c.step()
+    c.step()
+    assert c.history[-1]["state"] == "closed" and c.open.round == 2
+    return c, ids
+
+
+def test_a_restart_gives_the_open_round_back_the_time_no_coordinator_served(tmp_path):
+    clock = Clock()
+    c, _ = mask_round_closed(tmp_path, clock)
+    c.store.set_meta("alive_at", repr(clock.now))  # what the rounds thread records every 2 s
+    deadline = c.open.deadline
+    c.store.close()
+    clock.now += 70  # down for 70 s of the round's 100
+    again = make(tmp_path, clock)
+    assert again.open.deadline == pytest.approx(deadline + 70)
+    again.step()
+    assert again.open is not None and again.open.round == 2  # not skipped for the restart's sake
+
+
+@pytest.mark.parametrize("damage", ["zeroed", "truncated", "missing"])
+@pytest.mark.parametrize("name", ["counts-1.npy", "theta-2.bin", "head.bin"])
+def test_a_damaged_array_file_is_found_by_its_digest_and_rebuilt_from_the_stored_uploads(tmp_path, caplog,
+                                                                                         name, damage):
+    clock = Clock()
+    c, _ = mask_round_closed(tmp_path, clock)
+    c.store.close()
+    path = tmp_path / "state" / name
+    good = path.read_bytes()
+    if damage == "zeroed":
+        path.write_bytes(bytes(len(good)))
+    elif damage == "truncated":
+        path.write_bytes(good[:len(good) // 2])
+    else:
+        path.unlink()
+    with caplog.at_level("WARNING", logger="server.coordinator"):
+        again = make(tmp_path, clock)
+    assert name in caplog.text and "rebuilding from the stored uploads" in caplog.text
+    assert path.read_bytes() == good  # rebuilt byte for byte
+    assert np.array_equal(again.counts.ones, c.counts.ones) and again.wire == c.wire
+    assert all(np.array_equal(x, y) for x, y in zip(again.agg.head, c.agg.head))
+
+
+def test_a_damaged_stored_upload_stops_the_restart_with_a_message_naming_it(tmp_path):
+    from server.recovery import StateError
+
+    clock = Clock()
+    c, ids = mask_round_closed(tmp_path, clock)
+    up = upload(c, ids[0], seed=9)
+    c.submit(ids[0], 2, up.payload, up.reference_digest, {})  # kept for the open round 2
+    c.store.close()
+    stored = tmp_path / "state" / "updates" / "2" / f"{ids[0]}.bin"
+    data = bytearray(stored.read_bytes())
+    data[-1] ^= 1
+    stored.write_bytes(bytes(data))
+    with pytest.raises(StateError, match=str(stored).replace(".", r"\.") + ": stored update of round 2 is damaged"):
+        make(tmp_path, clock)
+
+
+def test_after_a_restart_past_the_end_every_enrolled_device_is_told_before_the_coordinator_may_exit(tmp_path):
+    clock = Clock()
+    c = make(tmp_path, clock, rounds=1)
+    ids = join(c, ["a", "b", "c"])
+    head(c, ids)
+    for k, i in enumerate(ids):
+        up = upload(c, i, seed=k)
+        c.submit(i, c.open.round, up.payload, up.reference_digest, {})
+    c.step()
+    assert c.done.is_set()
+    assert c.get_task(ids[0], 1, 0).phase == "done"  # one heard it before the crash
+    c.flush_told()
+    c.store.close()
+    again = make(tmp_path, clock, rounds=1)  # restarted: nobody online yet, two still waiting somewhere
+    assert again.done.is_set() and not again.everyone_told_done()
+    for i in ids[1:]:
+        assert again.get_task(i, 1, 0).phase == "done"
+    assert again.everyone_told_done()

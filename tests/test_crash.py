@@ -16,7 +16,7 @@ def load_campaign():
 
 def test_ten_runs_of_kills_and_damaged_files_break_no_invariant(tmp_path):
     crash = load_campaign()
-    summary = crash.campaign(10, seed=11, folder=tmp_path)
+    summary = crash.campaign(10, seed=11, folder=tmp_path, jobs=2)
     assert summary["violations"] == []
     assert summary["kills"] >= 15 and summary["acknowledged_uploads"] > 100
     assert any(kind.startswith("killed at") for kind in summary["by_kind"])  # inside a write, not only between
