@@ -35,6 +35,9 @@ from deltamask.learn.sim import SimConfig, run  # noqa: E402
 RUNS = {
     "deltamask": dict(codec="bfuse8", reference="per-client"),
     "deltamask-exact": dict(codec="exact", reference="per-client"),
+    # conditional codecs: positions ranked within theta_g's undecided set (deltamask/codecs/conditional.py)
+    "deltamask-exact-cond": dict(codec="exact-cond", reference="per-client"),
+    "deltamask-cond": dict(codec="bfuse8-cond", reference="per-client"),
     "shared": dict(codec="bfuse8", reference="shared"),
     "fedpm": dict(codec="rawmask", reference="per-client"),
     # ablations of what the paper leaves open (docs/design.md section 3.4); run them with --runs

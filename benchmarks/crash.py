@@ -136,7 +136,7 @@ def reaggregate(state: Path, theta0: float = THETA0):
             continue
         for device, in db.execute("SELECT device_id FROM updates WHERE round = ?", (r,)):
             payload = (state / "updates" / str(r) / f"{device}.bin").read_bytes()
-            packed, _ = rebuild_client_mask(decode(payload, D), thresholds, int(seed), names[device])
+            packed, _ = rebuild_client_mask(decode(payload, D, thresholds), thresholds, int(seed), names[device])
             counts.add_packed(packed)
         thresholds = theta_to_thresholds(counts.theta(previous=thresholds_to_theta(thresholds, np.float64)))
     db.close()

@@ -46,7 +46,7 @@ def client_update(thresholds_g: np.ndarray, theta_k: np.ndarray, round_seed: int
     else:
         scores = bernoulli_kl(theta_k[flips], thresholds_to_theta(thresholds_g[flips]))
         chosen = top_kappa(flips, scores, kappa)
-        payload, kept = codec.encode(chosen, d), len(chosen)
+        payload, kept = codec.encode(chosen, d, thresholds_g), len(chosen)
     return Upload(payload, MaskDigest(d).update(reference).hexdigest(), len(flips), kept)
 
 

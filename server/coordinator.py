@@ -621,7 +621,7 @@ class Coordinator:
         try:
             if r.phase == HEAD:
                 return self.agg.decode_share(payload)
-            packed, digest_ = rebuild_client_mask(decode_payload(payload, self.d), r.thresholds, r.seed,
+            packed, digest_ = rebuild_client_mask(decode_payload(payload, self.d, r.thresholds), r.thresholds, r.seed,
                                                   self.devices[device_id].name, self.config.reference)
         except PayloadError as exc:
             raise InvalidUpdate(f"corrupt update: {exc}") from None

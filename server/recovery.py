@@ -130,7 +130,7 @@ def rebuild(store, finished: List[Dict], policy: Policy, d: int, feature_dim: in
             agg.counts.reset()
         if row["state"] == "closed":
             for u in store.updates(index):
-                update = decode_payload(read_update(store, index, u), d)
+                update = decode_payload(read_update(store, index, u), d, agg.thresholds)
                 packed, _ = rebuild_client_mask(update, agg.thresholds, row["seed"], names[u["device_id"]],
                                                 policy.reference)
                 agg.counts.add_packed(packed)

@@ -20,7 +20,7 @@ import abc
 import struct
 import zlib
 from dataclasses import dataclass
-from typing import ClassVar
+from typing import ClassVar, Optional
 
 import numpy as np
 
@@ -113,7 +113,10 @@ class Codec(abc.ABC):
     carries: ClassVar[str] = FLIPS
     false_positive_rate: ClassVar[float] = 0.0
 
-    def encode(self, values: np.ndarray, d: int) -> bytes:
+    conditional: ClassVar[bool] = False  # True: encode and decode against the round's theta (thresholds)
+
+    def encode(self, values: np.ndarray, d: int, thresholds: Optional[np.ndarray] = None) -> bytes:
+        """`thresholds`, the round's global theta, is what a conditional codec codes against; others ignore it."""
         d = _check_d(d)
         if self.carries == MASK:
             mask = np.asarray(values)
@@ -122,11 +125,11 @@ class Codec(abc.ABC):
             return self._encode(mask.astype(bool, copy=False), d)
         return self._encode(check_positions(values, d), d)
 
-    def decode(self, payload: bytes, d: int) -> DecodedUpdate:
+    def decode(self, payload: bytes, d: int, thresholds: Optional[np.ndarray] = None) -> DecodedUpdate:
         """Decode a payload of this codec; PayloadError for anything wrong with it."""
-        return self.decode_frame(read_frame(payload), d)
+        return self.decode_frame(read_frame(payload), d, thresholds)
 
-    def decode_frame(self, frame: Frame, d: int) -> DecodedUpdate:
+    def decode_frame(self, frame: Frame, d: int, thresholds: Optional[np.ndarray] = None) -> DecodedUpdate:
         if frame.codec_id != self.codec_id:
             raise PayloadError(f"payload holds codec id {frame.codec_id}, not {self.name} ({self.codec_id})")
         if frame.d != d:

@@ -130,7 +130,7 @@ class Federation:
             started = time.perf_counter()
             reply = self.learners[name].work(task, name, self.agg.head, thresholds)
             trained = time.perf_counter()
-            packed, digest = rebuild_client_mask(decode_payload(reply.payload, d), thresholds, plan.seed, name,
+            packed, digest = rebuild_client_mask(decode_payload(reply.payload, d, thresholds), thresholds, plan.seed, name,
                                                  c.reference)
             times["decode_s"] += time.perf_counter() - trained
             times["train_s"] += trained - started

@@ -14,6 +14,10 @@ from deltamask.codecs.base import pack_frame, read_frame
 
 D = 100_000
 POSITIONS = np.sort(np.random.default_rng(0).choice(D, 1000, replace=False))
+# the round's theta the conditional codecs code against: undecided (0 < theta < 1) at a tenth of d, and at
+# every position above
+THETA = np.where(np.random.default_rng(1).random(D) < 0.1, 1 << 23, 0).astype(np.uint32)
+THETA[POSITIONS] = 1 << 22
 
 
 def payload_for(name):
@@ -22,7 +26,7 @@ def payload_for(name):
         mask = np.zeros(D, bool)
         mask[POSITIONS] = True
         return codec.encode(mask, D)
-    return codec.encode(POSITIONS, D)
+    return codec.encode(POSITIONS, D, THETA)
 
 
 def reframe(payload, body=None, header=None, codec_id=None, d=None, count=None):
@@ -38,7 +42,7 @@ def test_truncated_payload(name):
     payload = payload_for(name)
     for cut in (0, 10, len(payload) // 2, len(payload) - 1):
         with pytest.raises(PayloadError):
-            decode(payload[:cut], D)
+            decode(payload[:cut], D, THETA)
 
 
 @pytest.mark.parametrize("name", sorted(CODECS))
@@ -48,13 +52,13 @@ def test_garbled_payload_is_caught_anywhere(name):
         garbled = bytearray(payload)
         garbled[at] ^= 0x41
         with pytest.raises(PayloadError):
-            decode(bytes(garbled), D)
+            decode(bytes(garbled), D, THETA)
 
 
 @pytest.mark.parametrize("name", sorted(CODECS))
 def test_wrong_d(name):
     with pytest.raises(PayloadError, match=f"d = {D}, expected d = {D + 1}"):
-        decode(payload_for(name), D + 1)
+        decode(payload_for(name), D + 1, THETA)
 
 
 def test_unknown_codec_id():
