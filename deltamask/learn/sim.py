@@ -24,6 +24,7 @@ import numpy as np
 from deltamask.codecs import MASK as CARRIES_MASK
 from deltamask.codecs import decode as decode_payload
 from deltamask.codecs import get_codec
+from deltamask.codecs.conditional import undecided
 from deltamask.errors import DeltaMaskError
 from deltamask.federation import HEAD, Aggregator, LocalTraining, Policy, device_task, head_bits, plan_round
 from deltamask.headwire import encode_head
@@ -130,8 +131,8 @@ class Federation:
             started = time.perf_counter()
             reply = self.learners[name].work(task, name, self.agg.head, thresholds)
             trained = time.perf_counter()
-            packed, digest = rebuild_client_mask(decode_payload(reply.payload, d, thresholds), thresholds, plan.seed, name,
-                                                 c.reference)
+            update = decode_payload(reply.payload, d, thresholds)
+            packed, digest = rebuild_client_mask(update, thresholds, plan.seed, name, c.reference)
             times["decode_s"] += time.perf_counter() - trained
             times["train_s"] += trained - started
             if digest != reply.reference_digest:
@@ -153,6 +154,7 @@ class Federation:
                 **scores, "uplink_bpp": float(np.mean([x["bits"] for x in rows])) / d,
                 "downlink_bpp": 8 * len(wire) / d,
                 "delta_fraction": float(np.mean([x["delta"] for x in rows])) / d,
+                "undecided_fraction": len(undecided(decode_theta(wire, d))) / d,  # of the theta the round served
                 "kept": float(np.mean([x["kept"] for x in rows])),
                 "flips_applied": float(np.mean([x["applied"] for x in rows])),
                 "false_flips": float(np.mean([x["false"] for x in rows])),
