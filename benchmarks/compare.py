@@ -5,8 +5,12 @@ federation engine the coordinator runs (`deltamask-sim`), same data, same traini
     python benchmarks/compare.py --out docs/runs/noniid --clients 30 --alpha 0.1 --rho 0.2 --rounds 60 \\
         --train-samples 12000 --test-samples 10000 --runs deltamask-exact fedpm --jobs 2
 
-Each run writes its JSON lines to OUT/<name>.jsonl (a config line, then a line a round); the Markdown
-table is printed at the end and kept in OUT/table.md. `--set key=value` changes the round policy of every
+    python benchmarks/compare.py --experiment experiments/iid.yaml [--jobs 2]     # a whole setting, every seed
+
+Each run writes its JSON lines to OUT/<name>.jsonl (a config line, then a line a round; with several seeds
+OUT/<name>-seed<N>.jsonl, which `deltamask-report` groups); the Markdown table is printed at the end and
+kept in OUT/table.md. An experiment file (YAML) holds the same arguments: out, runs, seeds, rounds,
+train_samples, test_samples, clients, alpha, rho, jobs, set (a mapping of policy keys). `--set key=value` changes the round policy of every
 run (e.g. `--set head=linear_probe`); `--jobs 2` runs two configurations at a time, one torch thread each.
 Every run starts with the same head phase, whose accuracy is the "head alone" line.
 """
@@ -16,6 +20,7 @@ import json
 import logging
 import multiprocessing
 import os
+import re
 import sys
 import time
 from concurrent.futures import ProcessPoolExecutor
@@ -64,7 +69,7 @@ def table(summaries: List[Dict], head: str) -> str:
     lines = ["| run | codec / reference | accuracy, sampled mask (last round) | expected mask | best | "
              "uplink bpp (mean) | downlink bpp (mean) | minutes |", "|---|---|---|---|---|---|---|---|"]
     for s in summaries:
-        spec = RUNS[s["run"]]
+        spec = RUNS[re.sub(r"-seed\d+$", "", s["run"])]
         extra = "".join(f", {k} {v}" for k, v in spec.items() if k not in ("codec", "reference"))
         lines.append(f"| {s['run']} | {spec['codec']} / {spec['reference']}{extra} | {s['final_accuracy']:.4f} | "
                      f"{s['final_accuracy_expected']:.4f} | {s['best_accuracy']:.4f} | {s['uplink_bpp']:.4f} | "
@@ -102,10 +107,38 @@ def parse_value(text: str):
     return None if text in ("none", "null") else text
 
 
+EXPERIMENT_KEYS = {"out", "runs", "seeds", "rounds", "train_samples", "test_samples", "clients", "alpha", "rho",
+                   "jobs", "set"}
+
+
+def experiment(path: Path, args) -> None:
+    """Fill `args` from an experiment file; ValueError naming the file and the key for anything unknown."""
+    import yaml
+
+    data = yaml.safe_load(path.read_text()) or {}
+    unknown = set(data) - EXPERIMENT_KEYS
+    if unknown:
+        raise ValueError(f"{path}: unknown keys {sorted(unknown)}; expected some of {sorted(EXPERIMENT_KEYS)}")
+    for key, value in data.items():
+        if key == "set":
+            args.set = [f"{k}={v}" for k, v in (value or {}).items()]
+        elif key == "out":
+            args.out = Path(value)
+        elif key == "runs":
+            bad = [r for r in value if r not in RUNS]
+            if bad:
+                raise ValueError(f"{path}: runs {bad} are not among {sorted(RUNS)}")
+            args.runs = list(value)
+        else:
+            setattr(args, key, value)
+
+
 def main() -> int:
     logging.basicConfig(level=logging.INFO, stream=sys.stderr, format="%(asctime)s %(message)s")
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--out", type=Path, required=True)
+    parser.add_argument("--experiment", type=Path, default=None, help="an experiment file (YAML); see experiments/")
+    parser.add_argument("--out", type=Path, default=None)
+    parser.add_argument("--seeds", type=int, nargs="+", default=None, help="run every configuration with each seed")
     parser.add_argument("--runs", nargs="+", default=DEFAULT_RUNS, choices=list(RUNS))
     for name in ("rounds", "train_samples", "test_samples", "clients", "seed"):
         parser.add_argument("--" + name.replace("_", "-"), type=int, default=getattr(SimConfig, name))
@@ -115,6 +148,10 @@ def main() -> int:
                         help="policy keys for every run (local training: local.KEY=VALUE)")
     parser.add_argument("--jobs", type=int, default=1, help="configurations run at a time (one torch thread each)")
     args = parser.parse_args()
+    if args.experiment is not None:
+        experiment(args.experiment, args)
+    if args.out is None:
+        parser.error("--out (or an experiment file's out:) is required")
     args.out.mkdir(parents=True, exist_ok=True)
     common = {k: getattr(args, k) for k in ("rounds", "train_samples", "test_samples", "clients", "seed", "alpha",
                                             "rho")}
@@ -125,7 +162,10 @@ def main() -> int:
             local[key[6:]] = parse_value(value)
         else:
             common[key] = parse_value(value)
-    configs = {name: SimConfig(**{**common, **RUNS[name]}, local=LocalTraining(**local)) for name in args.runs}
+    seeds = args.seeds or [args.seed]
+    configs = {(name if len(seeds) == 1 else f"{name}-seed{seed}"):
+               SimConfig(**{**common, "seed": seed, **RUNS[name]}, local=LocalTraining(**local))
+               for name in args.runs for seed in seeds}
     for config in configs.values():
         config.check()
     threads = 1 if args.jobs > 1 else 0

@@ -1,0 +1,30 @@
+"""The experiment files load into compare.py's arguments, and a bad key is named."""
+import argparse
+import importlib.util
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def compare():
+    spec = importlib.util.spec_from_file_location("compare", ROOT / "benchmarks" / "compare.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.mark.parametrize("name", ["iid", "noniid"])
+def test_the_experiment_files_name_known_runs_and_the_papers_settings(name):
+    args = argparse.Namespace(set=[], out=None, runs=None)
+    compare().experiment(ROOT / "experiments" / f"{name}.yaml", args)
+    assert args.clients == 30 and len(args.seeds) == 3 and args.out.parts[:2] == ("docs", "runs")
+    assert (args.alpha, args.rho) == ((10, 1.0) if name == "iid" else (0.1, 0.2))
+
+
+def test_an_unknown_key_is_named_with_its_file(tmp_path):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("rounds: 3\nroundz: 4\n")
+    with pytest.raises(ValueError, match=r"bad.yaml: unknown keys \['roundz'\]"):
+        compare().experiment(bad, argparse.Namespace(set=[], out=None, runs=None))
