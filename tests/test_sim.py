@@ -30,6 +30,9 @@ def test_rounds_report_accuracy_bits_and_flips(codec):
             assert r["false_flips"] == 0 and r["flips_applied"] == r["kept"]
         if codec == "rawmask":
             assert r["false_flips"] == 0 and r["uplink_bpp"] > 0.05  # the whole mask (DEFLATE), not a delta
+            # FedPM's ideal arithmetic-coded size: under the mask's own frequency of ones, and under theta_g
+            assert 0 < r["ideal_entropy_bpp"] <= 1 and 0 < r["ideal_cross_entropy_bpp"] <= 1
+            assert r["ideal_entropy_bpp"] < r["uplink_bpp"]  # DEFLATE does not reach the entropy
     assert masks[0]["kappa"] == pytest.approx(0.8) and masks[-1]["kappa"] == pytest.approx(1.0)
 
 

@@ -142,7 +142,8 @@ class Federation:
             reference = reference_mask(thresholds, plan.seed, name, c.reference)
             applied = int(np.count_nonzero(rebuilt != reference))
             rows.append({"bits": 8 * len(reply.payload), "delta": reply.delta, "kept": reply.kept,
-                         "applied": applied, "false": 0 if carries_mask else applied - reply.kept})
+                         "applied": applied, "false": 0 if carries_mask else applied - reply.kept,
+                         **(ideal_mask_bits(rebuilt, thresholds) if carries_mask else {})})
             if progress is not None:
                 progress()
         thresholds = self.agg.close_mask()
@@ -159,9 +160,24 @@ class Federation:
                 "flips_applied": float(np.mean([x["applied"] for x in rows])),
                 "false_flips": float(np.mean([x["false"] for x in rows])),
                 "theta_mean": float(thresholds.mean() / (1 << 24)),
+                **({f"ideal_{key[:-5]}_bpp": float(np.mean([x[key] for x in rows])) / d
+                    for key in ("entropy_bits", "cross_entropy_bits")} if carries_mask else {}),
                 "theta_sha256": _sha(self.wire),
                 **{key: round(v, 3) for key, v in times.items()},
                 "eval_s": round(time.perf_counter() - started, 3)}
+
+
+def ideal_mask_bits(mask: np.ndarray, thresholds: np.ndarray) -> Dict[str, float]:
+    """What an ideal arithmetic coder would spend on a whole mask (FedPM's upload), in bits: with the
+    mask's own frequency of ones as its model (d H_b(p), FedPM's estimate), and with the round's theta_g,
+    which the server holds, as the model (the mask's cross-entropy under theta_g, probabilities clipped to
+    [2^-24, 1 - 2^-24])."""
+    d = len(mask)
+    p = float(np.count_nonzero(mask)) / d
+    entropy = 0.0 if p in (0.0, 1.0) else -d * (p * np.log2(p) + (1 - p) * np.log2(1 - p))
+    theta = np.clip(thresholds.astype(np.float64) / (1 << 24), 2.0 ** -24, 1 - 2.0 ** -24)
+    cross = float(-np.log2(np.where(mask, theta, 1 - theta)).sum())
+    return {"entropy_bits": entropy, "cross_entropy_bits": cross}
 
 
 def run(config: SimConfig, progress: bool = True) -> Iterator[Dict]:
