@@ -208,7 +208,7 @@ def test_hostile_uploads_are_refused_without_a_crash_a_hang_or_a_changed_byte(ma
     for i, name in enumerate(names):
         theta = thresholds_to_theta(thresholds).astype(np.float64)
         theta[np.random.default_rng(i).choice(D, 200, replace=False)] = 0.02
-        codec = get_codec("bfuse8" if i % 2 else "exact")  # PNG filters and position lists
+        codec = get_codec(("exact", "bfuse8", "bfuse8-cond")[i % 3])  # position lists, PNG filters, conditional
         valid[name] = client_update(thresholds, theta, task.seed, name, task.kappa, codec, task.reference)
     last, fresh = names[-1], names[:-1]  # the last device stays clean: it uploads after the storm
     rng = np.random.default_rng(2026)
