@@ -70,7 +70,9 @@ class Policy:
     lda_covariance: str = "projected"  # LDA second moments sent: full | diag | projected (docs/results.md)
     lda_rank: int = 256  # projected: the rank of the seeded projection (at most the feature size)
     lda_shrinkage: float = 0.01  # LDA: covariance shrunk towards its mean variance
-    codec: str = "exact"  # docs/results.md: BFuse8's false flips keep theta undecided (bfuse8 etc. on request)
+    # docs/results.md: exact-cond sends exact's positions in 0.57x its bits (the same rounds, byte for byte);
+    # BFuse8's false flips keep theta undecided (bfuse8, bfuse8-cond, exact, ... on request)
+    codec: str = "exact-cond"
     kappa_start: float = 0.8
     kappa_end: float = 1.0
     reference: str = PER_CLIENT

@@ -126,7 +126,7 @@ def reaggregate(state: Path, config: dict) -> np.ndarray:
         for device, name, digest in db.execute("SELECT device_id, name, reference_digest FROM updates "
                                                "JOIN devices USING (device_id) WHERE round = ?", (r,)):
             payload = (state / "updates" / str(r) / f"{device}.bin").read_bytes()
-            packed, drawn = rebuild_client_mask(decode(payload, D), thresholds, seed, name)  # seeded by name
+            packed, drawn = rebuild_client_mask(decode(payload, D, thresholds), thresholds, seed, name)  # by name
             assert drawn == digest
             counts.add_packed(packed)
         thresholds = theta_to_thresholds(counts.theta(previous=thresholds_to_theta(thresholds, np.float64)))
