@@ -1,6 +1,7 @@
 """deltamask-report: run logs (JSON lines, one file a run) into the paper's tables and PNG plots.
 
     deltamask-report docs/runs/iid docs/runs/noniid --plots docs/plots [--into docs/results.md] [--reference fedpm]
+    deltamask-report docs/runs/iid docs/runs/iid-cond --merge iid --plots docs/plots   # two folders, one setting
 
 A run log is what `benchmarks/compare.py` (and `deltamask-sim`) write: a {"config": ...} line, then one line a
 round ({"round", "phase", "accuracy", "uplink_bpp", "downlink_bpp", "clients", "decode_s", ...}). A folder is
@@ -197,12 +198,13 @@ def into(path: Path, text: str) -> None:
     path.write_text(new)
 
 
-def report(folders: Sequence[Path], plots: Optional[Path], reference: str, link_root: Optional[Path] = None) -> str:
+def report(folders: Sequence[Path], plots: Optional[Path], reference: str, link_root: Optional[Path] = None,
+           merge: Optional[str] = None) -> str:
+    """Markdown for each folder (a setting), or for all of them as one setting named `merge`."""
     parts = []
-    for folder in folders:
-        runs = load(folder)
+    settings = [(merge, [r for f in folders for r in load(f)])] if merge else [(Path(f).name, load(f)) for f in folders]
+    for name, runs in settings:
         rows = summarise(runs, reference)
-        name = Path(folder).name
         parts.append(table(name, rows, reference))
         if plots is not None:
             images = plot(name, runs, rows, plots, reference)
@@ -217,10 +219,11 @@ def main(argv: Optional[List[str]] = None) -> int:
     parser.add_argument("--plots", type=Path, default=None, help="write the PNG plots here")
     parser.add_argument("--into", type=Path, default=None, help="Markdown file to put the report in (between markers)")
     parser.add_argument("--reference", default="fedpm", help="method the data volumes are relative to")
+    parser.add_argument("--merge", default=None, metavar="NAME", help="the folders' runs as one setting NAME")
     args = parser.parse_args(argv)
     try:
         text = report(args.folders, args.plots, args.reference,
-                      args.into.parent.resolve() if args.into else None)
+                      args.into.parent.resolve() if args.into else None, args.merge)
     except (ValueError, OSError) as exc:
         print(f"deltamask-report: error: {exc}", file=sys.stderr)
         return 2
