@@ -43,6 +43,7 @@ RUNS = {
     # conditional codecs: positions ranked within theta_g's undecided set (deltamask/codecs/conditional.py)
     "deltamask-exact-cond": dict(codec="exact-cond", reference="per-client"),
     "deltamask-cond": dict(codec="bfuse8-cond", reference="per-client"),
+    "random-kappa": dict(codec="exact-cond", reference="per-client", ranking="random"),  # ablation: no KL rank
     "shared": dict(codec="bfuse8", reference="shared"),
     "fedpm": dict(codec="rawmask", reference="per-client"),
     # ablations of what the paper leaves open (docs/design.md section 3.4); run them with --runs

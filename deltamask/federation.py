@@ -21,6 +21,7 @@ import numpy as np
 from deltamask.aggregation import MEAN, MODE, BetaCounts, reset_due
 from deltamask.codecs import CODECS
 from deltamask.delta import cosine_kappa
+from deltamask.rounds import RANKINGS
 from deltamask.headwire import (LDA_COVARIANCES, MAX_HEAD_ABS, LdaStats, decode_head, decode_lda_stats,
                                 lda_width)
 from deltamask.sampling import PER_CLIENT, SHARED, round_seed, theta_to_thresholds
@@ -75,6 +76,7 @@ class Policy:
     codec: str = "exact-cond"
     kappa_start: float = 0.8
     kappa_end: float = 1.0
+    ranking: str = "kl"  # how the delta is ordered before the top-kappa cut: kl (the paper) | random
     reference: str = PER_CLIENT
     theta_formula: str = MODE
     theta0: float = 0.999  # docs/results.md: 0.99 costs the LDA head ~2 points under label skew
@@ -85,6 +87,8 @@ class Policy:
     def check(self) -> None:
         if self.codec not in CODECS:
             raise ValueError(f"codec {self.codec!r} is not one of {', '.join(CODECS)}")
+        if self.ranking not in RANKINGS:
+            raise ValueError(f"ranking must be one of {', '.join(RANKINGS)}, got {self.ranking!r}")
         if self.reference not in (PER_CLIENT, SHARED):
             raise ValueError(f"reference must be {PER_CLIENT!r} or {SHARED!r}, got {self.reference!r}")
         if self.theta_formula not in (MODE, MEAN):
@@ -163,11 +167,12 @@ class DeviceTask:
     lda_covariance: str = "projected"
     lda_rank: int = 256
     local: LocalTraining = field(default_factory=LocalTraining)
+    ranking: str = "kl"
 
 
 def device_task(policy: Policy, plan: RoundPlan) -> DeviceTask:
     return DeviceTask(plan.phase, plan.index, plan.seed, plan.kappa, policy.codec, policy.reference, policy.head,
-                      policy.lda_covariance, policy.lda_rank, policy.local)
+                      policy.lda_covariance, policy.lda_rank, policy.local, policy.ranking)
 
 
 def eval_seed(round_seed: int) -> int:

@@ -13,9 +13,10 @@ import numpy as np
 from deltamask.codecs import MASK, Codec, DecodedUpdate
 from deltamask.delta import bernoulli_kl, delta_positions, top_kappa
 from deltamask.sampling import (PER_CLIENT, MaskDigest, reference_mask, sample_mask, sample_seed,
-                                theta_to_thresholds, thresholds_to_theta)
+                                theta_to_thresholds, thresholds_to_theta, uniforms)
 
 REBUILD_CHUNK = 1 << 20  # positions per step of the server-side rebuild (a multiple of 8)
+_RANK_SALT = 0x72616E6B  # "rank": the random ranking's draws, apart from the sample's
 
 
 @dataclass(frozen=True)
@@ -28,12 +29,17 @@ class Upload:
     kept: int  # positions coded in the payload (all of the delta for the raw mask)
 
 
+RANKINGS = ("kl", "random")
+
+
 def client_update(thresholds_g: np.ndarray, theta_k: np.ndarray, round_seed: int, client_id: str,
-                  kappa: float, codec: Codec, mode: str = PER_CLIENT) -> Upload:
+                  kappa: float, codec: Codec, mode: str = PER_CLIENT, ranking: str = "kl") -> Upload:
     """Turn a client's trained theta_k into its upload for the round (paper Eq. 4, Algorithm 1 l. 6-11).
 
     `thresholds_g` is the global theta as received (uint32 thresholds), `theta_k` the trained
-    probabilities (float, length d).
+    probabilities (float, length d). `ranking` orders the delta before the top-kappa cut: "kl" (the
+    paper: the Bernoulli KL between theta_k and theta_g at each position) or "random" (a seeded uniform
+    order, the ablation).
     """
     d = len(thresholds_g)
     if len(theta_k) != d:
@@ -44,7 +50,12 @@ def client_update(thresholds_g: np.ndarray, theta_k: np.ndarray, round_seed: int
     if codec.carries == MASK:
         payload, kept = codec.encode(mask, d), len(flips)
     else:
-        scores = bernoulli_kl(theta_k[flips], thresholds_to_theta(thresholds_g[flips]))
+        if ranking == "kl":
+            scores = bernoulli_kl(theta_k[flips], thresholds_to_theta(thresholds_g[flips]))
+        elif ranking == "random":
+            scores = uniforms(sample_seed(round_seed, client_id) ^ _RANK_SALT, 0, len(flips)).astype(np.float64)
+        else:
+            raise ValueError(f"ranking must be one of {RANKINGS}, got {ranking!r}")
         chosen = top_kappa(flips, scores, kappa)
         payload, kept = codec.encode(chosen, d, thresholds_g), len(chosen)
     return Upload(payload, MaskDigest(d).update(reference).hexdigest(), len(flips), kept)

@@ -278,7 +278,7 @@ def _device_task(task: pb.Task):
     except ValueError as exc:
         raise RoundSkipped(f"round {task.round}: the task cannot be run: {exc}") from None
     return DeviceTask("head" if head else "mask", task.round, task.seed, task.kappa, task.codec, task.reference,
-                      task.head_kind, task.lda_covariance, task.lda_rank, local)
+                      task.head_kind, task.lda_covariance, task.lda_rank, local, task.ranking or "kl")
 
 
 def _peak_rss_bytes() -> int:

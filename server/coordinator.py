@@ -692,7 +692,7 @@ class Coordinator:
         """The task of a round opened before a restart (the plan's fields are in its row)."""
         c = self.config
         return DeviceTask(r.phase, r.round, r.seed, r.kappa, c.codec, c.reference, c.head, c.lda_covariance,
-                          c.lda_rank, c.local)
+                          c.lda_rank, c.local, c.ranking)
 
 
 __all__ = ["Busy", "Conflict", "Coordinator", "CoordinatorError", "Device", "InvalidUpdate", "ModelFacts",

@@ -169,7 +169,7 @@ class CoordinatorService(rpc.CoordinatorServicer):
                        feature_dim=self.c.facts.feature_dim, epochs=w.local.head_epochs if head else w.local.epochs,
                        batch_size=w.local.batch_size, lr=w.local.head_lr if head else w.local.lr,
                        head_kind=w.head, lda_covariance=w.lda_covariance, lda_rank=w.lda_rank,
-                       loss=w.local.loss)
+                       loss=w.local.loss, ranking=w.ranking)
 
     @_refusals
     async def FetchTheta(self, request, context):

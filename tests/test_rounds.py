@@ -79,3 +79,21 @@ def test_a_client_that_drew_another_reference_is_caught_by_the_digest():
     _, digest = rebuild_client_mask(decode(upload.payload, D), thresholds, ROUND_SEED + 1, "dev")
     assert digest != upload.reference_digest
     assert upload.reference_digest == mask_digest(sample_mask(thresholds, reference_seed(ROUND_SEED, "dev")))
+
+
+def test_a_random_ranking_keeps_as_many_flips_as_kl_but_not_the_most_divergent():
+    """The ablation of the KL ranking: the same top-kappa count, drawn in a seeded order."""
+    rng = np.random.default_rng(3)
+    thresholds = theta_to_thresholds(np.full(D, 0.9))
+    theta_k = trained_theta(rng, np.full(D, 0.9))
+    codec = get_codec("exact")
+    kl = client_update(thresholds, theta_k, ROUND_SEED, "pi", 0.3, codec)
+    rand = client_update(thresholds, theta_k, ROUND_SEED, "pi", 0.3, codec, ranking="random")
+    again = client_update(thresholds, theta_k, ROUND_SEED, "pi", 0.3, codec, ranking="random")
+    assert rand.kept == kl.kept and rand.delta == kl.delta and rand.payload == again.payload
+    kept_kl, kept_rand = (decode(u.payload, D).flip_positions() for u in (kl, rand))
+    assert not np.array_equal(kept_kl, kept_rand)
+    divergence = np.abs(theta_k - 0.9)  # the KL grows with |theta_k - theta_g| here
+    assert divergence[kept_kl].mean() > divergence[kept_rand].mean()
+    with pytest.raises(ValueError, match="ranking"):
+        client_update(thresholds, theta_k, ROUND_SEED, "pi", 0.3, codec, ranking="loudest")

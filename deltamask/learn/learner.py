@@ -126,7 +126,7 @@ class LocalLearner:
         theta_k = train_mask(m.net, m.masks, thresholds_to_theta(thresholds), self.inputs, self.labels, task.local,
                              train_seed(task.seed, name), progress)
         upload = client_update(thresholds, theta_k, task.seed, name, task.kappa, get_codec(task.codec),
-                               task.reference)
+                               task.reference, task.ranking)
         return Reply(upload.payload, len(self.labels), upload.reference_digest, upload.delta, upload.kept)
 
 

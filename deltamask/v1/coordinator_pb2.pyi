@@ -99,7 +99,7 @@ class TaskRequest(_message.Message):
     def __init__(self, device_id: _Optional[str] = ..., after_round: _Optional[int] = ..., wait_s: _Optional[float] = ...) -> None: ...
 
 class Task(_message.Message):
-    __slots__ = ("phase", "round", "seed", "kappa", "codec", "reference", "deadline_unix_s", "theta_digest", "theta_bytes", "head", "num_classes", "feature_dim", "epochs", "batch_size", "lr", "head_kind", "lda_covariance", "loss", "lda_rank")
+    __slots__ = ("phase", "round", "seed", "kappa", "codec", "reference", "deadline_unix_s", "theta_digest", "theta_bytes", "head", "num_classes", "feature_dim", "epochs", "batch_size", "lr", "head_kind", "lda_covariance", "loss", "lda_rank", "ranking")
     PHASE_FIELD_NUMBER: _ClassVar[int]
     ROUND_FIELD_NUMBER: _ClassVar[int]
     SEED_FIELD_NUMBER: _ClassVar[int]
@@ -119,6 +119,7 @@ class Task(_message.Message):
     LDA_COVARIANCE_FIELD_NUMBER: _ClassVar[int]
     LOSS_FIELD_NUMBER: _ClassVar[int]
     LDA_RANK_FIELD_NUMBER: _ClassVar[int]
+    RANKING_FIELD_NUMBER: _ClassVar[int]
     phase: Phase
     round: int
     seed: int
@@ -138,7 +139,8 @@ class Task(_message.Message):
     lda_covariance: str
     loss: str
     lda_rank: int
-    def __init__(self, phase: _Optional[_Union[Phase, str]] = ..., round: _Optional[int] = ..., seed: _Optional[int] = ..., kappa: _Optional[float] = ..., codec: _Optional[str] = ..., reference: _Optional[str] = ..., deadline_unix_s: _Optional[float] = ..., theta_digest: _Optional[str] = ..., theta_bytes: _Optional[int] = ..., head: _Optional[bytes] = ..., num_classes: _Optional[int] = ..., feature_dim: _Optional[int] = ..., epochs: _Optional[int] = ..., batch_size: _Optional[int] = ..., lr: _Optional[float] = ..., head_kind: _Optional[str] = ..., lda_covariance: _Optional[str] = ..., loss: _Optional[str] = ..., lda_rank: _Optional[int] = ...) -> None: ...
+    ranking: str
+    def __init__(self, phase: _Optional[_Union[Phase, str]] = ..., round: _Optional[int] = ..., seed: _Optional[int] = ..., kappa: _Optional[float] = ..., codec: _Optional[str] = ..., reference: _Optional[str] = ..., deadline_unix_s: _Optional[float] = ..., theta_digest: _Optional[str] = ..., theta_bytes: _Optional[int] = ..., head: _Optional[bytes] = ..., num_classes: _Optional[int] = ..., feature_dim: _Optional[int] = ..., epochs: _Optional[int] = ..., batch_size: _Optional[int] = ..., lr: _Optional[float] = ..., head_kind: _Optional[str] = ..., lda_covariance: _Optional[str] = ..., loss: _Optional[str] = ..., lda_rank: _Optional[int] = ..., ranking: _Optional[str] = ...) -> None: ...
 
 class FetchRequest(_message.Message):
     __slots__ = ("device_id", "round", "offset")
