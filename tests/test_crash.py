@@ -1,21 +1,11 @@
 """The crash campaign, short: a real coordinator process SIGKILLed at random moments and inside its writes,
 files damaged while it is down, and what it kept checked from disk alone (benchmarks/crash.py has the
 invariants; `python benchmarks/crash.py --runs 100` is the full campaign, its figures in docs/reliability.md)."""
-import importlib.util
-from pathlib import Path
-
-ROOT = Path(__file__).resolve().parents[1]
-
-
-def load_campaign():
-    spec = importlib.util.spec_from_file_location("crash_campaign", ROOT / "benchmarks" / "crash.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+from tests.scripts import load_script
 
 
 def test_ten_runs_of_kills_and_damaged_files_break_no_invariant(tmp_path):
-    crash = load_campaign()
+    crash = load_script("crash")
     summary = crash.campaign(10, seed=11, folder=tmp_path, jobs=2)
     assert summary["violations"] == []
     assert summary["kills"] >= 15 and summary["acknowledged_uploads"] > 100
