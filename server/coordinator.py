@@ -33,8 +33,7 @@ import numpy as np
 
 from deltamask.codecs import decode as decode_payload
 from deltamask.errors import PayloadError
-from deltamask.federation import (HEAD, MASK, Aggregator, DeviceTask, Head, device_task, eval_seed, head_bits,
-                                  plan_round)
+from deltamask.federation import HEAD, MASK, Aggregator, DeviceTask, device_task, eval_seed, head_bits, plan_round
 from deltamask.headwire import encode_head
 from deltamask.rounds import rebuild_client_mask
 from deltamask.thetawire import decode_theta, theta_digest
