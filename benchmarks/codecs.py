@@ -118,7 +118,7 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
 def settings(args: argparse.Namespace) -> Tuple[Tuple[int, ...], Tuple[float, ...], Tuple[str, ...]]:
     """The d values, densities and codec names to run."""
     ds, densities, codecs = (QUICK_DS, QUICK_DENSITIES, QUICK_CODECS) if args.quick else \
-        (FULL_DS, FULL_DENSITIES, tuple(n for n, c in CODECS.items() if not c.conditional))
+        (FULL_DS, FULL_DENSITIES, tuple(n for n, c in CODECS.items() if not c.conditional and c.carries != "weights"))
     return tuple(args.d or ds), tuple(args.density or densities), tuple(args.codecs or codecs)
 
 

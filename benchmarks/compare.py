@@ -46,6 +46,21 @@ RUNS = {
     "random-kappa": dict(codec="exact-cond", reference="per-client", ranking="random"),  # ablation: no KL rank
     "shared": dict(codec="bfuse8", reference="shared"),
     "fedpm": dict(codec="rawmask", reference="per-client"),
+    # the paper's other baselines, on the same engine, data, training code and bit accounting
+    "fedmask": dict(codec="bitmask", reference="per-client", mask_rule="threshold"),  # theta_k >= tau, 1 bpp
+    # tau 0.5 never fires from theta0 0.999 in one local epoch (the masks stay all ones): a weight dropped
+    # once its local theta falls below 0.998 instead (docs/results.md)
+    "fedmask-0.998": dict(codec="bitmask", reference="per-client", mask_rule="threshold", tau=0.998),
+    "deepreduce": dict(codec="bloom", reference="per-client"),  # Bloom filter of the delta, P0 policy
+    "finetune": dict(codec="float32", reference="per-client"),  # the same layers' weights, FedAvg, 32 bpp
+    "eden": dict(codec="eden", reference="per-client"),  # their updates through EDEN's 1-bit quantiser
+    "linear-probe": dict(codec="exact", reference="per-client", head="linear_probe", head_only=True),
+    # DeltaMask's variants (issue: the paper's comparison, item 2)
+    "deltamask-bfuse16": dict(codec="bfuse16", reference="per-client"),
+    "deltamask-xor8": dict(codec="xor8", reference="per-client"),
+    "deltamask-xor16": dict(codec="xor16", reference="per-client"),
+    **{f"kappa-{k}": dict(codec="exact-cond", reference="per-client", kappa_start=k, kappa_end=k)
+       for k in (0.2, 0.4, 0.6, 0.8, 1.0)},
     # ablations of what the paper leaves open (docs/design.md section 3.4); run them with --runs
     "estimator-fedpm": dict(codec="bfuse8", reference="per-client", estimator="fedpm"),
     "theta0-0.9": dict(codec="bfuse8", reference="per-client", theta0=0.9),
@@ -55,14 +70,14 @@ DEFAULT_RUNS = ["deltamask", "deltamask-exact", "shared", "fedpm"]
 
 
 def summarise(name: str, rows: List[Dict], seconds: float) -> Dict:
-    masks = [r for r in rows if r.get("phase") == "mask"]
     heads = [r for r in rows if r.get("phase") == "head"]
+    masks = [r for r in rows if r.get("phase") == "mask"] or heads  # linear probing alone: its head rounds
     last = masks[-1]
     return {"run": name, "head_accuracy": heads[-1]["accuracy"], "head_bpp": sum(r["uplink_bpp"] for r in heads),
-            "final_accuracy": last["accuracy"], "final_accuracy_expected": last["accuracy_expected"],
+            "final_accuracy": last["accuracy"], "final_accuracy_expected": last.get("accuracy_expected", last["accuracy"]),
             "best_accuracy": max(r["accuracy"] for r in masks),
             "uplink_bpp": sum(r["uplink_bpp"] for r in masks) / len(masks),
-            "downlink_bpp": sum(r["downlink_bpp"] for r in masks) / len(masks),
+            "downlink_bpp": sum(r.get("downlink_bpp", 0.0) for r in masks) / len(masks),
             "rounds": len(masks), "minutes": seconds / 60}
 
 
@@ -71,7 +86,7 @@ def table(summaries: List[Dict], head: str) -> str:
              "uplink bpp (mean) | downlink bpp (mean) | minutes |", "|---|---|---|---|---|---|---|---|"]
     for s in summaries:
         spec = RUNS[re.sub(r"-seed\d+$", "", s["run"])]
-        extra = "".join(f", {k} {v}" for k, v in spec.items() if k not in ("codec", "reference"))
+        extra = "".join(f", {k} {v}" for k, v in spec.items() if k not in ("codec", "reference", "head_only"))
         lines.append(f"| {s['run']} | {spec['codec']} / {spec['reference']}{extra} | {s['final_accuracy']:.4f} | "
                      f"{s['final_accuracy_expected']:.4f} | {s['best_accuracy']:.4f} | {s['uplink_bpp']:.4f} | "
                      f"{s['downlink_bpp']:.3f} | {s['minutes']:.1f} |")
@@ -99,6 +114,31 @@ def one(name: str, config: SimConfig, out: Path, threads: int) -> Dict:
     return summarise(name, rows, time.perf_counter() - started)
 
 
+def sim_config(common: Dict, seed: int, spec: Dict, local: Dict) -> SimConfig:
+    """One run's configuration: the common arguments, the run's own keys; `head_only` (linear probing
+    alone) spends the rounds on federated linear-probe rounds instead of mask rounds."""
+    spec = dict(spec)
+    keys = {**common, "seed": seed, **spec}
+    if keys.pop("head_only", False):
+        keys.update(head_rounds=common["rounds"], rounds=0)
+    return SimConfig(**keys, local=LocalTraining(**local))
+
+
+def finished(path: Path, config: SimConfig):
+    """The summary of a complete log of this very configuration at `path` (a stopped matrix goes on where it
+    was), else None."""
+    if not path.exists():
+        return None
+    lines = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    if not lines or lines[0].get("config") != json.loads(json.dumps(dataclasses.asdict(config))):
+        return None
+    rows = lines[1:]
+    if len([r for r in rows if r.get("phase") == "mask"]) != config.rounds or \
+            len([r for r in rows if r.get("phase") == "head" and r.get("round", 0) >= 0]) != config.head_phase_rounds:
+        return None
+    return summarise(path.stem, rows, 0.0)
+
+
 def parse_value(text: str):
     for kind in (int, float):
         try:
@@ -122,14 +162,15 @@ def experiment(path: Path, args) -> None:
         raise ValueError(f"{path}: unknown keys {sorted(unknown)}; expected some of {sorted(EXPERIMENT_KEYS)}")
     for key, value in data.items():
         if key == "set":
-            args.set = [f"{k}={v}" for k, v in (value or {}).items()]
+            args.set = [f"{k}={v}" for k, v in (value or {}).items()] + list(args.set or [])  # the command line wins
         elif key == "out":
             args.out = Path(value)
-        elif key == "runs":
+        elif key == "runs":  # a list, or a mapping of run -> its own seeds (null: the file's seeds)
             bad = [r for r in value if r not in RUNS]
             if bad:
                 raise ValueError(f"{path}: runs {bad} are not among {sorted(RUNS)}")
             args.runs = list(value)
+            args.run_seeds = {k: v for k, v in value.items() if v} if isinstance(value, dict) else {}
         else:
             setattr(args, key, value)
 
@@ -148,6 +189,7 @@ def main() -> int:
     parser.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE",
                         help="policy keys for every run (local training: local.KEY=VALUE)")
     parser.add_argument("--jobs", type=int, default=1, help="configurations run at a time (one torch thread each)")
+    parser.add_argument("--fresh", action="store_true", help="run again the runs whose logs are complete already")
     args = parser.parse_args()
     if args.experiment is not None:
         experiment(args.experiment, args)
@@ -164,15 +206,21 @@ def main() -> int:
         else:
             common[key] = parse_value(value)
     seeds = args.seeds or [args.seed]
-    configs = {(name if len(seeds) == 1 else f"{name}-seed{seed}"):
-               SimConfig(**{**common, "seed": seed, **RUNS[name]}, local=LocalTraining(**local))
-               for name in args.runs for seed in seeds}
+    run_seeds = {name: getattr(args, "run_seeds", {}).get(name) or seeds for name in args.runs}
+    suffix = any(len(v) > 1 for v in run_seeds.values())
+    configs = {(f"{name}-seed{seed}" if suffix else name): sim_config(common, seed, RUNS[name], local)
+               for name in args.runs for seed in run_seeds[name]}
     for config in configs.values():
         config.check()
     threads = 1 if args.jobs > 1 else 0
+    done = {} if args.fresh else {name: finished(args.out / f"{name}.jsonl", config) for name, config in configs.items()}
     with ProcessPoolExecutor(max_workers=args.jobs, mp_context=multiprocessing.get_context("spawn")) as pool:
-        futures = [pool.submit(one, name, config, args.out, threads) for name, config in configs.items()]
-        summaries = [f.result() for f in futures]
+        futures = {name: pool.submit(one, name, config, args.out, threads) for name, config in configs.items()
+                   if not done.get(name)}
+        for name in done:
+            if done[name]:
+                logging.info("%s: its log holds every round already (kept; --fresh runs it again)", name)
+        summaries = [done[name] if done.get(name) else futures[name].result() for name in configs]
     (args.out / "summary.json").write_text(json.dumps(summaries, indent=1))
     head = next(iter(configs.values())).head
     text = table(summaries, head)

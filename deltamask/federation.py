@@ -30,6 +30,8 @@ from deltamask.thetawire import encode_theta
 HEAD, MASK = "head", "mask"
 LINEAR_PROBE, LDA, KAIMING = "linear_probe", "lda", "kaiming"
 HEADS = (LINEAR_PROBE, LDA, KAIMING)
+SAMPLE, THRESHOLD = "sample", "threshold"
+MASK_RULES = (SAMPLE, THRESHOLD)
 CROSS_ENTROPY, LOCAL_CLASSES = "cross_entropy", "local_classes"
 LOSSES = (CROSS_ENTROPY, LOCAL_CLASSES)
 Head = Tuple[np.ndarray, np.ndarray]  # (weight (classes x features), bias (classes)), float32
@@ -45,12 +47,13 @@ class LocalTraining:
     loss: str = LOCAL_CLASSES  # softmax over the classes the device holds (label skew); or cross_entropy
     head_epochs: int = 20  # linear probing: local epochs a head round
     head_lr: float = 1e-3
+    weight_lr: float = 1e-4  # the fine-tuning baselines (codec float32 / eden): Adam on the masked layers' weights
 
     def check(self) -> None:
         for key in ("epochs", "batch_size", "head_epochs"):
             if getattr(self, key) < 1:
                 raise ValueError(f"local.{key} must be at least 1, got {getattr(self, key)}")
-        for key in ("lr", "head_lr"):
+        for key in ("lr", "head_lr", "weight_lr"):
             if getattr(self, key) <= 0:
                 raise ValueError(f"local.{key} must be positive, got {getattr(self, key)}")
         if self.loss not in LOSSES:
@@ -77,6 +80,10 @@ class Policy:
     kappa_start: float = 0.8
     kappa_end: float = 1.0
     ranking: str = "kl"  # how the delta is ordered before the top-kappa cut: kl (the paper) | random
+    # the mask a device uploads and the server scores: a Bernoulli sample of theta (DeltaMask, FedPM), or
+    # theta >= tau (FedMask's deterministic threshold; with codec bitmask, its 1 bpp upload)
+    mask_rule: str = "sample"
+    tau: float = 0.5
     reference: str = PER_CLIENT
     theta_formula: str = MODE
     theta0: float = 0.999  # docs/results.md: 0.99 costs the LDA head ~2 points under label skew
@@ -87,6 +94,10 @@ class Policy:
     def check(self) -> None:
         if self.codec not in CODECS:
             raise ValueError(f"codec {self.codec!r} is not one of {', '.join(CODECS)}")
+        if self.mask_rule not in MASK_RULES:
+            raise ValueError(f"mask_rule must be one of {', '.join(MASK_RULES)}, got {self.mask_rule!r}")
+        if not 0 <= self.tau <= 1:
+            raise ValueError(f"tau must lie in [0, 1], got {self.tau}")
         if self.ranking not in RANKINGS:
             raise ValueError(f"ranking must be one of {', '.join(RANKINGS)}, got {self.ranking!r}")
         if self.reference not in (PER_CLIENT, SHARED):
@@ -107,9 +118,11 @@ class Policy:
                 raise ValueError(f"{key} must lie in (0, 1], got {getattr(self, key)}")
         if not 0 < self.theta0 < 1:
             raise ValueError(f"theta0 must lie in (0, 1), got {self.theta0}")
-        for key in ("rounds", "min_quorum", "head_rounds"):
+        for key in ("min_quorum", "head_rounds"):
             if getattr(self, key) < 1:
                 raise ValueError(f"{key} must be at least 1, got {getattr(self, key)}")
+        if self.rounds < 0 or (self.rounds == 0 and self.head != LINEAR_PROBE):
+            raise ValueError(f"rounds must be at least 1 (0 only for linear probing alone), got {self.rounds}")
         if self.lambda0 <= 0:
             raise ValueError(f"lambda0 must be positive, got {self.lambda0}")
         self.local.check()
@@ -168,11 +181,14 @@ class DeviceTask:
     lda_rank: int = 256
     local: LocalTraining = field(default_factory=LocalTraining)
     ranking: str = "kl"
+    mask_rule: str = SAMPLE
+    tau: float = 0.5
 
 
 def device_task(policy: Policy, plan: RoundPlan) -> DeviceTask:
     return DeviceTask(plan.phase, plan.index, plan.seed, plan.kappa, policy.codec, policy.reference, policy.head,
-                      policy.lda_covariance, policy.lda_rank, policy.local, policy.ranking)
+                      policy.lda_covariance, policy.lda_rank, policy.local, policy.ranking, policy.mask_rule,
+                      policy.tau)
 
 
 def eval_seed(round_seed: int) -> int:
@@ -189,10 +205,10 @@ def plan_round(policy: Policy, index: int, heads_done: int, masks_done: int,
                eligible: Sequence[str]) -> Optional[RoundPlan]:
     """Round `index`, after `heads_done` head rounds and `masks_done` mask rounds closed; None when the
     federation is over. K devices are drawn with the round's seed from the eligible names in sorted order."""
-    if masks_done >= policy.rounds:
+    phase = HEAD if heads_done < policy.head_phase_rounds else MASK
+    if phase == MASK and masks_done >= policy.rounds:
         return None
     names = sorted(set(eligible))
-    phase = HEAD if heads_done < policy.head_phase_rounds else MASK
     k = clients_per_round(policy.head_rho if phase == HEAD else policy.rho, len(names), policy.min_quorum)
     seed = round_seed(policy.seed, index)
     chosen = np.random.default_rng(seed).choice(len(names), size=k, replace=False) if k else []
@@ -213,6 +229,7 @@ class Aggregator:
         self.thresholds = theta_to_thresholds(np.full(self.d, policy.theta0))
         self.head: Optional[Head] = kaiming_head(feature_dim, num_classes, policy.seed) \
             if policy.head == KAIMING else None
+        self._offset: Optional[np.ndarray] = None
 
     # --- head phase ---------------------------------------------------------------------------------
     def decode_share(self, payload: bytes):
@@ -251,6 +268,26 @@ class Aggregator:
 
     def theta_wire(self) -> bytes:
         return encode_theta(self.thresholds)
+
+    # --- the fine-tuning baselines (codec float32 / eden): FedAvg of dense weight updates ----------------
+    @property
+    def offset(self) -> np.ndarray:
+        """w_g - w_pretrained of the d masked weights (float32; zeros until a weight round closes)."""
+        if self._offset is None:
+            self._offset = np.zeros(self.d, dtype=np.float32)
+        return self._offset
+
+    def close_weights(self, updates: Mapping[str, Tuple[np.ndarray, float]]) -> np.ndarray:
+        """FedAvg of {name: (w_k - w_g, examples)} (bounded weights, name order, float64 sums) onto the offset."""
+        ordered = [updates[name] for name in sorted(updates)]
+        weights = np.asarray(bounded_weights([n for _, n in ordered]))
+        if weights.sum() <= 0:
+            raise ValueError("weight updates of no examples")
+        total = np.zeros(self.d, dtype=np.float64)
+        for (update, _), w in zip(ordered, weights / weights.sum()):
+            total += w * np.asarray(update, np.float64)
+        self._offset = (self.offset + total).astype(np.float32)
+        return self._offset
 
 
 INFLUENCE_CAP = 4.0  # no device weighs more than this many times the round's median device
@@ -337,7 +374,7 @@ def head_bits(policy: Policy, num_classes: int, feature_dim: int) -> int:
 
 
 __all__ = ["Aggregator", "CROSS_ENTROPY", "HEAD", "HEADS", "Head", "KAIMING", "LDA", "LINEAR_PROBE",
-           "LOCAL_CLASSES", "LOSSES", "LocalTraining", "MASK", "DeviceTask", "Policy", "RoundPlan", "average_heads",
+           "LOCAL_CLASSES", "LOSSES", "LocalTraining", "MASK", "MASK_RULES", "SAMPLE", "THRESHOLD", "DeviceTask", "Policy", "RoundPlan", "average_heads",
            "bounded_weights", "clients_per_round", "derived_seed", "device_task", "eval_seed", "head_bits", "kaiming_head", "lda_head",
            "lda_projection", "plan_round",
            "scale_stats", "train_seed"]

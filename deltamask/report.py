@@ -12,7 +12,7 @@ parameter over the mask rounds, the total data volume all devices uploaded (head
 rounds and the volume to come within 1 point of the run's own peak accuracy, and that volume relative to
 `--reference`'s. Plots (matplotlib, Agg): accuracy and uplink bpp per round (mean over seeds, the band their
 range), accuracy against uplink bpp (Figure 1's view), relative data volume to 1 point of peak (Figure 7a),
-decode seconds per upload (Figure 7b). With --into, the Markdown goes between
+encode and decode seconds per upload (Figure 7b). With --into, the Markdown goes between
 `<!-- report:begin -->` and `<!-- report:end -->` in that file (added at its end when absent); otherwise
 it is printed.
 """
@@ -30,6 +30,8 @@ import numpy as np
 BEGIN, END = "<!-- report:begin -->", "<!-- report:end -->"
 SEED_SUFFIX = re.compile(r"-seed\d+$")
 WITHIN = 0.01  # "near peak": within 1 point of accuracy
+MAX_CURVES = 12  # per-round plots with more methods are split: baselines, and DeltaMask's variants
+VARIANTS = ("deltamask", "kappa-", "random-kappa", "shared")
 
 
 @dataclass
@@ -41,7 +43,10 @@ class Run:
 
     @property
     def masks(self) -> List[Dict]:
-        return [r for r in self.rows if r.get("phase") == "mask"]
+        """The rounds a method is scored over: its mask (or weight) rounds; linear probing alone has only
+        head rounds, which are then its rounds."""
+        rounds = [r for r in self.rows if r.get("phase") == "mask"]
+        return rounds or [r for r in self.rows if r.get("phase") == "head" and "accuracy" in r]
 
     @property
     def d(self) -> int:
@@ -66,7 +71,7 @@ def load(folder: Path) -> List[Run]:
         config = lines[0]["config"]
         run = Run(SEED_SUFFIX.sub("", path.stem), int(config.get("seed", 0)), config, lines[1:])
         if not run.masks:
-            raise ValueError(f"{path}: no mask rounds")
+            raise ValueError(f"{path}: no rounds")
         runs.append(run)
     if not runs:
         raise ValueError(f"{folder}: no run logs (*.jsonl)")
@@ -98,8 +103,10 @@ def summarise(runs: Sequence[Run], reference: Optional[str] = None) -> List[Dict
             "volume_mb": float(np.mean([g.upload_mb()[-1] for g in group])),
             "rounds_to_peak": float(np.mean([n for n, _ in near])),
             "volume_to_peak_mb": float(np.mean([mb for _, mb in near])),
-            "decode_s_per_upload": float(np.mean([np.mean([r.get("decode_s", 0.0) / max(r.get("clients", 1), 1)
-                                                           for r in g.masks]) for g in group])),
+            "head_bpp": float(np.mean([sum(r["uplink_bpp"] for r in g.rows if r.get("phase") == "head") for g in group])),
+            **{f"{key}_per_upload": float(np.mean([np.mean([r.get(key, 0.0) / max(r.get("clients", 1), 1)
+                                                          for r in g.masks]) for g in group]))
+               for key in ("encode_s", "decode_s")},
         })
     base = next((r for r in rows if r["method"] == reference), None) or max(rows, key=lambda r: r["volume_to_peak_mb"])
     for r in rows:
@@ -110,19 +117,22 @@ def summarise(runs: Sequence[Run], reference: Optional[str] = None) -> List[Dict
 
 def table(name: str, rows: List[Dict], reference: str) -> str:
     lines = [f"**{name}** (seeds per method in brackets; +- is the sample standard deviation over seeds)", "",
-             "| method | final accuracy | uplink bpp | downlink bpp | data volume (MB) | rounds to 1 pt of peak | "
-             f"volume to 1 pt of peak (MB) | relative to {reference} |", "|---|---|---|---|---|---|---|---|"]
+             "| method | final accuracy | uplink bpp | downlink bpp | head rounds' bpp | data volume (MB) | "
+             f"rounds to 1 pt of peak | volume to 1 pt of peak (MB) | relative to {reference} |",
+             "|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         spread = f" +- {r['spread']:.4f}" if r["spread"] is not None else ""
         relative = f"{r['relative_volume_to_peak']:.3f}" if r["relative_volume_to_peak"] is not None else "-"
         lines.append(f"| {r['method']} [{len(r['seeds'])}] | {r['accuracy']:.4f}{spread} | {r['uplink_bpp']:.4f} | "
-                     f"{r['downlink_bpp']:.4f} | {r['volume_mb']:.4g} | {r['rounds_to_peak']:.1f} | "
+                     f"{r['downlink_bpp']:.4f} | {r['head_bpp']:.3f} | {r['volume_mb']:.4g} | {r['rounds_to_peak']:.1f} | "
                      f"{r['volume_to_peak_mb']:.4g} | {relative} |")
     return "\n".join(lines)
 
 
-def plot(name: str, runs: Sequence[Run], rows: List[Dict], folder: Path, reference: str) -> List[Path]:
-    """The five PNG plots of one setting, in `folder`; returns their paths."""
+def plot(name: str, runs: Sequence[Run], rows: List[Dict], folder: Path, reference: str,
+         highlight: str = "deltamask-exact-cond") -> List[Path]:
+    """The PNG plots of one setting, in `folder`; returns their paths. With more than MAX_CURVES methods the
+    per-round plots come twice: the baselines with `highlight`, and DeltaMask's variants."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -141,49 +151,63 @@ def plot(name: str, runs: Sequence[Run], rows: List[Dict], folder: Path, referen
         plt.close(fig)
         paths.append(path)
 
-    for key, label, what, log in (("accuracy", "test accuracy (sampled mask)", "accuracy", False),
+    groups = [("", methods)]
+    if len(methods) > MAX_CURVES:  # one plot of the baselines (and `highlight`), one of DeltaMask's variants
+        variants = [m for m in methods if m.startswith(VARIANTS) and m != highlight]
+        groups = [("", [m for m in methods if m not in variants]), ("-variants", variants)]
+    styles = [dict(color=c, linestyle=ls) for ls in ("-", "--", ":") for c in plt.get_cmap("tab10").colors]
+    for key, label, what, log in (("accuracy", "test accuracy", "accuracy", False),
                                   ("uplink_bpp", "uplink bits per parameter", "uplink", True)):
-        fig, ax = plt.subplots(figsize=(6.4, 4.2))
-        for method in methods:
-            curves = np.array([[r[key] for r in run.masks] for run in runs if run.method == method])
-            x = [r["round"] for r in next(run for run in runs if run.method == method).masks]
-            (line,) = ax.plot(x, curves.mean(0), label=method, marker="." if len(x) < 40 else None)
-            if len(curves) > 1:
-                ax.fill_between(x, curves.min(0), curves.max(0), alpha=0.2, color=line.get_color())
-        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
-        ax.set_xlabel("round")
-        ax.set_ylabel(label)
-        if log:
-            ax.set_yscale("log")
-        ax.set_title(f"{name}: {label} per round")
-        ax.grid(alpha=0.3)
-        ax.legend(fontsize=8)
-        save(fig, what)
+        for suffix, group in groups:
+            fig, ax = plt.subplots(figsize=(7.6, 4.4))
+            for method, style in zip(group, styles):
+                curves = np.array([[r[key] for r in run.masks] for run in runs if run.method == method])
+                x = [r["round"] for r in next(run for run in runs if run.method == method).masks]
+                (line,) = ax.plot(x, curves.mean(0), label=method, **style)
+                if len(curves) > 1:
+                    ax.fill_between(x, curves.min(0), curves.max(0), alpha=0.15, color=line.get_color())
+            ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+            ax.set_xlabel("round")
+            ax.set_ylabel(label)
+            if log:
+                ax.set_yscale("log")
+            ax.set_title(f"{name}: {label} per round{' (DeltaMask variants)' if suffix else ''}")
+            ax.grid(alpha=0.3)
+            ax.legend(fontsize=7, loc="center left", bbox_to_anchor=(1.01, 0.5))
+            save(fig, what + suffix)
 
-    fig, ax = plt.subplots(figsize=(6.4, 4.2))
-    for r in rows:
-        ax.errorbar(r["uplink_bpp"], r["accuracy"], yerr=r["spread"] or 0, fmt="o", capsize=3, label=r["method"])
+    fig, ax = plt.subplots(figsize=(7.6, 4.8))
+    for r, style in zip(rows, styles * 3):
+        ax.errorbar(r["uplink_bpp"], r["accuracy"], yerr=r["spread"] or 0, fmt="o", capsize=3, color=style["color"])
+        ax.annotate(r["method"], (r["uplink_bpp"], r["accuracy"]), fontsize=6, xytext=(3, 2),
+                    textcoords="offset points")
     ax.set_xscale("log")
     ax.set_xlabel("average uplink bits per parameter (log)")
     ax.set_ylabel("final test accuracy")
     ax.set_title(f"{name}: accuracy against uplink bits")
     ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
     save(fig, "accuracy-vs-bpp")
 
-    fig, ax = plt.subplots(figsize=(6.4, 4.2))
-    ax.bar(methods, [r["relative_volume_to_peak"] or 0 for r in rows])
-    ax.set_ylabel(f"data volume to 1 point of peak, relative to {reference}")
+    height = 1.2 + 0.28 * len(methods)
+    fig, ax = plt.subplots(figsize=(6.4, height))
+    ax.barh(methods, [r["relative_volume_to_peak"] or 0 for r in rows])
+    ax.set_xscale("log")
+    ax.set_xlabel(f"uplink data volume to 1 point of peak accuracy, relative to {reference} (log)")
     ax.set_title(f"{name}: data volume to near-peak accuracy")
-    ax.tick_params(axis="x", rotation=30)
+    ax.invert_yaxis()
     save(fig, "volume-to-peak")
 
-    fig, ax = plt.subplots(figsize=(6.4, 4.2))
-    ax.bar(methods, [r["decode_s_per_upload"] * 1000 for r in rows])
-    ax.set_ylabel("decode time per upload (ms)")
-    ax.set_title(f"{name}: server decode time per upload")
-    ax.tick_params(axis="x", rotation=30)
-    save(fig, "decode-time")
+    fig, ax = plt.subplots(figsize=(6.4, height))
+    y = np.arange(len(methods))
+    ax.barh(y - 0.2, [r["encode_s_per_upload"] * 1000 for r in rows], height=0.4, label="encode (device)")
+    ax.barh(y + 0.2, [r["decode_s_per_upload"] * 1000 for r in rows], height=0.4, label="decode + rebuild (server)")
+    ax.set_yticks(y, methods)
+    ax.set_xscale("symlog", linthresh=1.0)
+    ax.set_xlabel("milliseconds per upload (symlog)")
+    ax.set_title(f"{name}: encode and decode time per upload")
+    ax.invert_yaxis()
+    ax.legend(fontsize=8)
+    save(fig, "codec-time")
     return paths
 
 

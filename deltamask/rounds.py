@@ -6,7 +6,7 @@
 Arrays in, arrays out: no I/O, no clock, no network.
 """
 from dataclasses import dataclass
-from typing import Tuple
+from typing import Optional, Tuple
 
 import numpy as np
 
@@ -33,19 +33,21 @@ RANKINGS = ("kl", "random")
 
 
 def client_update(thresholds_g: np.ndarray, theta_k: np.ndarray, round_seed: int, client_id: str,
-                  kappa: float, codec: Codec, mode: str = PER_CLIENT, ranking: str = "kl") -> Upload:
+                  kappa: float, codec: Codec, mode: str = PER_CLIENT, ranking: str = "kl",
+                  tau: Optional[float] = None) -> Upload:
     """Turn a client's trained theta_k into its upload for the round (paper Eq. 4, Algorithm 1 l. 6-11).
 
     `thresholds_g` is the global theta as received (uint32 thresholds), `theta_k` the trained
     probabilities (float, length d). `ranking` orders the delta before the top-kappa cut: "kl" (the
     paper: the Bernoulli KL between theta_k and theta_g at each position) or "random" (a seeded uniform
-    order, the ablation).
+    order, the ablation). With `tau` the client's mask is theta_k >= tau (FedMask) instead of a sample.
     """
     d = len(thresholds_g)
     if len(theta_k) != d:
         raise ValueError(f"theta_k has {len(theta_k)} positions, the global theta {d}")
     reference = reference_mask(thresholds_g, round_seed, client_id, mode)
-    mask = sample_mask(theta_to_thresholds(theta_k), sample_seed(round_seed, client_id))
+    mask = sample_mask(theta_to_thresholds(theta_k), sample_seed(round_seed, client_id)) if tau is None \
+        else np.asarray(theta_k) >= tau
     flips = delta_positions(reference, mask)
     if codec.carries == MASK:
         payload, kept = codec.encode(mask, d), len(flips)

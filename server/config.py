@@ -79,6 +79,18 @@ class ServerConfig(Policy):
 
     def check(self) -> None:
         super().check()
+        from deltamask.codecs import WEIGHTS, get_codec
+        from deltamask.federation import SAMPLE
+
+        # the baselines that only the simulator runs (benchmarks/compare.py): no agent trains them
+        if get_codec(self.codec).carries == WEIGHTS:
+            raise ValueError(f"codec {self.codec!r} is a fine-tuning baseline the simulator runs "
+                             "(benchmarks/compare.py); the coordinator serves mask codecs")
+        if self.mask_rule != SAMPLE:
+            raise ValueError(f"mask_rule {self.mask_rule!r} (FedMask) is a baseline the simulator runs; "
+                             "the coordinator's devices send sampled masks")
+        if self.rounds < 1:
+            raise ValueError(f"rounds must be at least 1, got {self.rounds}")
         if self.backbone is None and self.d is None:
             raise ValueError("give backbone or d")
         for key in ("expected_clients", "num_classes"):

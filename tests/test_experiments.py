@@ -14,7 +14,10 @@ def compare():
 def test_the_experiment_files_name_known_runs_and_the_papers_settings(name):
     args = argparse.Namespace(set=[], out=None, runs=None)
     compare().experiment(ROOT / "experiments" / f"{name}.yaml", args)
-    assert args.clients == 30 and len(args.seeds) == 3 and args.out.parts[:2] == ("docs", "runs")
+    assert args.clients == 30 and args.out.parts[:2] == ("docs", "runs")
+    # every method; three seeds for the default, FedPM and the best variant
+    assert {"fedmask", "deepreduce", "finetune", "eden", "linear-probe", "fedpm"} <= set(args.runs)
+    assert all(len(args.run_seeds[r]) == 3 for r in ("deltamask-exact-cond", "fedpm", "deltamask-cond"))
     assert (args.alpha, args.rho) == ((10, 1.0) if name == "iid" else (0.1, 0.2))
 
 

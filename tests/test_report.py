@@ -15,7 +15,7 @@ def write_run(folder, name, seed, accuracies, bpp, head_bpp=0.5):
     rows = [{"config": {"seed": seed, "codec": name}},
             {"round": 0, "phase": "head", "accuracy": 0.5, "uplink_bpp": head_bpp, "clients": CLIENTS, "d": D}]
     rows += [{"round": i + 1, "phase": "mask", "accuracy": a, "uplink_bpp": b, "downlink_bpp": 2 * b,
-              "clients": CLIENTS, "decode_s": 0.04} for i, (a, b) in enumerate(zip(accuracies, bpp))]
+              "clients": CLIENTS, "decode_s": 0.04, "encode_s": 0.08} for i, (a, b) in enumerate(zip(accuracies, bpp))]
     (folder / f"{name}-seed{seed}.jsonl").write_text("\n".join(json.dumps(r) for r in rows) + "\n")
 
 
@@ -43,7 +43,35 @@ def test_the_table_holds_means_spreads_bits_and_volumes(logs):
     assert fedpm["volume_to_peak_mb"] == pytest.approx(np.mean([2.5, 3.5]) * D * CLIENTS / 8e6)
     assert dm["rounds_to_peak"] == 2 and dm["volume_to_peak_mb"] == pytest.approx(0.65 * D * CLIENTS / 8e6)
     assert dm["relative_volume_to_peak"] == pytest.approx(0.65 / 3.0)
-    assert dm["decode_s_per_upload"] == pytest.approx(0.01)
+    assert dm["decode_s_per_upload"] == pytest.approx(0.01) and dm["encode_s_per_upload"] == pytest.approx(0.02)
+    assert dm["head_bpp"] == pytest.approx(0.5)
+
+
+def test_linear_probing_alone_is_scored_over_its_head_rounds(logs):
+    rows = [{"config": {"seed": 0}}] + [{"round": i, "phase": "head", "accuracy": a, "uplink_bpp": 0.2,
+                                         "downlink_bpp": 0.2 if i else 0.0, "clients": CLIENTS, "d": D}
+                                        for i, a in enumerate([0.4, 0.6, 0.61])]
+    (logs / "linear-probe.jsonl").write_text("\n".join(json.dumps(r) for r in rows) + "\n")
+    lp = {r["method"]: r for r in report.summarise(report.load(logs), "fedpm")}["linear-probe"]
+    assert lp["accuracy"] == pytest.approx(0.61) and lp["rounds"] == 3 and lp["rounds_to_peak"] == 2
+    assert lp["head_bpp"] == pytest.approx(0.6) and lp["volume_mb"] == pytest.approx(0.6 * D * CLIENTS / 8e6)
+
+
+def test_many_methods_split_the_per_round_plots(tmp_path):
+    folder = tmp_path / "noniid"
+    folder.mkdir()
+    names = ["fedpm", "fedmask", "deepreduce", "eden", "finetune", "deltamask-exact-cond"] + \
+        [f"kappa-0.{i}" for i in range(2, 10)]
+    for n, name in enumerate(names):
+        write_run(folder, name, 0, [0.5 + 0.01 * n, 0.6, 0.7], [0.1 * (n + 1)] * 3)
+    rows = report.summarise(report.load(folder), "fedpm")
+    paths = report.plot("noniid", report.load(folder), rows, tmp_path / "plots", "fedpm")
+    assert sorted(p.name for p in paths) == sorted(f"noniid-{w}.png" for w in (
+        "accuracy", "accuracy-variants", "uplink", "uplink-variants", "accuracy-vs-bpp", "volume-to-peak",
+        "codec-time"))
+    for p in paths:
+        with Image.open(p) as image:
+            assert image.format == "PNG" and image.size[1] > 300
 
 
 def test_plots_are_pngs_that_open_and_the_report_goes_between_its_markers(logs, tmp_path):

@@ -1,4 +1,5 @@
-"""Update codecs behind one interface (`Codec`): filters, the exact position list and the raw mask.
+"""Update codecs behind one interface (`Codec`): filters, the exact position list, whole masks, and the
+baselines' Bloom filter and dense weight updates.
 
     codec = get_codec("bfuse8")
     payload = codec.encode(kept_positions, d, thresholds)   # bytes, self-describing (see `base`); thresholds:
@@ -7,14 +8,18 @@
 """
 from typing import Dict
 
-from deltamask.codecs.base import FLIPS, MASK, Codec, DecodedUpdate, FlipUpdate, read_frame
+from deltamask.codecs.base import FLIPS, MASK, WEIGHTS, Codec, DecodedUpdate, FlipUpdate, read_frame
+from deltamask.codecs.bloom import Bloom
 from deltamask.codecs.conditional import Conditional
+from deltamask.codecs.dense import Eden, Float32, WeightUpdate
 from deltamask.codecs.exact import Exact
 from deltamask.codecs.filters import BFuse8, BFuse16, Xor8, Xor16
-from deltamask.codecs.rawmask import RawMask
+from deltamask.codecs.rawmask import BitMask, RawMask
 from deltamask.errors import PayloadError
 
-_PLAIN = (BFuse8(), BFuse16(), Xor8(), Xor16(), Exact(), RawMask())
+# the baselines beside DeltaMask's codecs: rawmask (FedPM), bitmask (FedMask), bloom (DeepReduce), float32
+# (fine-tuning with FedAvg) and eden (EDEN's 1-bit quantiser), each framed the same way
+_PLAIN = (BFuse8(), BFuse16(), Xor8(), Xor16(), Exact(), RawMask(), Bloom(), BitMask(), Float32(), Eden())
 # conditional forms (codec ids 11-15): positions ranked within theta_g's undecided set (codecs/conditional.py)
 _CONDITIONAL = tuple(Conditional(inner, 10 + inner.codec_id) for inner in _PLAIN if inner.carries == FLIPS)
 CODECS: Dict[str, Codec] = {c.name: c for c in _PLAIN + _CONDITIONAL}
@@ -38,4 +43,5 @@ def decode(payload: bytes, d: int, thresholds=None) -> DecodedUpdate:
     return _BY_ID[frame.codec_id].decode_frame(frame, d, thresholds)
 
 
-__all__ = ["CODECS", "FLIPS", "MASK", "Codec", "DecodedUpdate", "FlipUpdate", "decode", "get_codec"]
+__all__ = ["CODECS", "FLIPS", "MASK", "WEIGHTS", "Codec", "DecodedUpdate", "FlipUpdate", "WeightUpdate", "decode",
+           "get_codec"]

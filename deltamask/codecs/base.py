@@ -11,7 +11,8 @@ Payload layout (all integers little-endian):
     16      8     count: positions coded (flip codecs) or ones in the mask (rawmask)
     24      4     H, bytes of the codec header
     28      H     codec header
-    28+H    ...   body: a grayscale PNG (filters), a position list (exact), a DEFLATE stream (rawmask)
+    28+H    ...   body: a grayscale PNG (filters), a position list (exact), a DEFLATE stream (rawmask), a
+                  packed mask (bitmask), a Bloom filter (bloom), float32 weights or EDEN's signs (weights)
     end-4   4     CRC-32 of every byte before it
 
 Uplink bits are 8 x the whole payload, frame included.
@@ -30,7 +31,8 @@ MAGIC = b"DMSK"
 FRAME_VERSION = 1
 _FRAME = struct.Struct("<4sBBHQQI")
 FRAME_OVERHEAD = _FRAME.size + 4  # fixed header + CRC trailer, in bytes
-FLIPS, MASK = "flips", "mask"  # what a codec carries: positions to flip, or the whole client mask
+FLIPS, MASK, WEIGHTS = "flips", "mask", "weights"  # what a codec carries: positions to flip, the whole client
+# mask, or a dense update of the same weights (the fine-tuning baselines)
 
 
 @dataclass(frozen=True)
@@ -105,7 +107,8 @@ class Codec(abc.ABC):
     """Encodes an update into a payload and decodes a payload back.
 
     `carries == FLIPS`: `encode` takes sorted unique positions (the kept delta set);
-    `carries == MASK`: `encode` takes the client's whole bool mask.
+    `carries == MASK`: `encode` takes the client's whole bool mask;
+    `carries == WEIGHTS`: `encode` takes a float32 update of the d weights (decodes to a `WeightUpdate`).
     """
 
     name: ClassVar[str]
@@ -123,6 +126,11 @@ class Codec(abc.ABC):
             if mask.shape != (d,):
                 raise ValueError(f"{self.name} encodes a mask of shape ({d},), got {mask.shape}")
             return self._encode(mask.astype(bool, copy=False), d)
+        if self.carries == WEIGHTS:
+            update = np.asarray(values, dtype=np.float32)
+            if update.shape != (d,) or not np.all(np.isfinite(update)):
+                raise ValueError(f"{self.name} encodes {d} finite weights, got shape {update.shape}")
+            return self._encode(update, d)
         return self._encode(check_positions(values, d), d)
 
     def decode(self, payload: bytes, d: int, thresholds: Optional[np.ndarray] = None) -> DecodedUpdate:

@@ -7,6 +7,7 @@ Also the held-out evaluation the simulator and the coordinator report.
     reply = learner.work(task, name, head, thresholds)                   # -> Reply(payload, digest, ...)
 """
 import logging
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Dict, Optional
@@ -15,13 +16,14 @@ import numpy as np
 import torch
 from torch import nn
 
-from deltamask.codecs import get_codec
-from deltamask.federation import HEAD, LDA, DeviceTask, Head, lda_projection, train_seed
+from deltamask.codecs import WEIGHTS, get_codec
+from deltamask.federation import HEAD, LDA, THRESHOLD, DeviceTask, Head, lda_projection, train_seed
 from deltamask.headwire import encode_head, encode_lda_stats, lda_width
 from deltamask.learn.masking import FIXED, IDENTITY, MaskedModule
 from deltamask.learn import prefix_cache
 from deltamask.learn.prefix_cache import run_prefix
-from deltamask.learn.training import Inputs, evaluate, features_of, lda_statistics, linear_probe, num_rows, train_mask
+from deltamask.learn.training import (Inputs, evaluate, features_of, lda_statistics, linear_probe, num_rows, train_mask,
+                                     train_weights)
 from deltamask.rounds import client_update
 from deltamask.sampling import sample_mask, thresholds_to_theta
 
@@ -43,6 +45,15 @@ class Model:
         for p in self.head.parameters():
             p.requires_grad_(False)
         self.net = nn.Sequential(self.backbone.masked, self.head)
+        self._pretrained: Optional[np.ndarray] = None
+
+    def set_offset(self, offset: np.ndarray) -> np.ndarray:
+        """The fine-tuning baselines: set the masked layers' weights to pretrained + offset; returns them."""
+        if self._pretrained is None:
+            self._pretrained = self.masks.weights()
+        weights = self._pretrained + np.asarray(offset, np.float32)
+        self.masks.set_weights(weights)
+        return weights
 
     def prefix(self, images: np.ndarray, progress: Callable = lambda batches: batches,
                cache: Optional[Path] = None) -> Inputs:
@@ -77,6 +88,7 @@ class Reply:
     reference_digest: str = ""  # mask rounds: hex SHA-256 of the reference mask drawn
     delta: int = 0  # positions where the own sample differs from the reference
     kept: int = 0  # positions coded in the payload
+    encode_s: float = 0.0  # seconds from the trained theta (or weights) to the payload: sample, delta, rank, codec
 
 
 class LocalLearner:
@@ -88,12 +100,17 @@ class LocalLearner:
         self.model, self.inputs, self.labels = model, inputs, torch.as_tensor(labels)
 
     def work(self, task: DeviceTask, name: str, head: Optional[Head], thresholds: Optional[np.ndarray] = None,
-             progress: Optional[Callable[[int], None]] = None) -> Reply:
+             progress: Optional[Callable[[int], None]] = None, offset: Optional[np.ndarray] = None) -> Reply:
         """The device's reply to `task`: its head share in a head round (`head` is the previous head
         round's result, or None), its encoded mask delta in a mask round (`head` frozen, `thresholds` the
-        global theta as received)."""
+        global theta as received), or its encoded weight update for a fine-tuning baseline's codec
+        (`offset`: the global weights less the pretrained ones)."""
         if task.phase == HEAD:
             return self.head_share(task, name, head)
+        if get_codec(task.codec).carries == WEIGHTS:
+            if head is None or offset is None:
+                raise ValueError("a weight round needs the head and the global weights' offset")
+            return self.weight_update(task, name, head, offset, progress)
         if head is None or thresholds is None:
             raise ValueError("a mask round needs the head and the global theta")
         return self.mask_update(task, name, head, thresholds, progress)
@@ -125,9 +142,23 @@ class LocalLearner:
         m.set_head(head)
         theta_k = train_mask(m.net, m.masks, thresholds_to_theta(thresholds), self.inputs, self.labels, task.local,
                              train_seed(task.seed, name), progress)
+        started = time.perf_counter()
         upload = client_update(thresholds, theta_k, task.seed, name, task.kappa, get_codec(task.codec),
-                               task.reference, task.ranking)
-        return Reply(upload.payload, len(self.labels), upload.reference_digest, upload.delta, upload.kept)
+                               task.reference, task.ranking, task.tau if task.mask_rule == THRESHOLD else None)
+        return Reply(upload.payload, len(self.labels), upload.reference_digest, upload.delta, upload.kept,
+                     time.perf_counter() - started)
+
+    def weight_update(self, task: DeviceTask, name: str, head: Head, offset: np.ndarray,
+                      progress: Optional[Callable[[int], None]] = None) -> Reply:
+        """w_g (pretrained + offset) -> local fine-tuning of the same layers (head frozen) -> w_k - w_g -> codec."""
+        m = self.model
+        m.set_head(head)
+        start = m.set_offset(offset)
+        trained = train_weights(m.net, m.masks, self.inputs, self.labels, task.local, train_seed(task.seed, name),
+                                progress)
+        started = time.perf_counter()
+        payload = get_codec(task.codec).encode(trained - start, m.d)
+        return Reply(payload, len(self.labels), encode_s=time.perf_counter() - started)
 
 
 class Evaluator:
@@ -137,13 +168,21 @@ class Evaluator:
     def __init__(self, model: Model, inputs: Inputs, labels) -> None:
         self.model, self.inputs, self.labels = model, inputs, torch.as_tensor(labels)
 
-    def __call__(self, head: Head, thresholds: Optional[np.ndarray] = None, eval_seed: int = 0) -> Dict:
+    def __call__(self, head: Head, thresholds: Optional[np.ndarray] = None, eval_seed: int = 0,
+                 tau: Optional[float] = None, offset: Optional[np.ndarray] = None) -> Dict:
+        """With `tau`, the scored mask is theta >= tau (FedMask) instead of a sample; with `offset`, the
+        fine-tuned weights (pretrained + offset) are scored with every weight kept."""
         m = self.model
         m.set_head(head)
+        if offset is not None:
+            m.set_offset(offset)
         if thresholds is None:
-            return {"accuracy": evaluate(m.net, m.masks, self.inputs, self.labels, mask=np.ones(m.d, dtype=bool))}
-        m.masks.set_theta(thresholds_to_theta(thresholds))
-        sampled = evaluate(m.net, m.masks, self.inputs, self.labels, mask=sample_mask(thresholds, eval_seed))
+            kept = evaluate(m.net, m.masks, self.inputs, self.labels, mask=np.ones(m.d, dtype=bool))
+            return {"accuracy": kept} if offset is None else {"accuracy": kept, "accuracy_expected": kept}
+        theta = thresholds_to_theta(thresholds)
+        m.masks.set_theta(theta)
+        mask = sample_mask(thresholds, eval_seed) if tau is None else theta >= tau
+        sampled = evaluate(m.net, m.masks, self.inputs, self.labels, mask=mask)
         return {"accuracy": sampled, "accuracy_expected": evaluate(m.net, m.masks, self.inputs, self.labels)}
 
 

@@ -133,6 +133,20 @@ class MaskedModule:
             for (_, m), part in zip(self.layers, self._split(flat)):
                 m.scores.copy_(part.reshape(m.scores.shape)).clamp_(EPS, 1 - EPS).logit_()
 
+    def weights(self) -> np.ndarray:
+        """The masked layers' frozen weights themselves as one float32 vector of length d, canonical order."""
+        with torch.no_grad():
+            return torch.cat([m.layer.weight.reshape(-1) for _, m in self.layers]).numpy().copy()
+
+    def set_weights(self, flat: np.ndarray) -> None:
+        """Overwrite the masked layers' weights (the fine-tuning baselines; the masks stay as they are)."""
+        with torch.no_grad():
+            for (_, m), part in zip(self.layers, self._split(torch.as_tensor(np.asarray(flat, dtype=np.float32)))):
+                m.layer.weight.copy_(part.reshape(m.layer.weight.shape))
+
+    def weight_tensors(self) -> List[torch.Tensor]:
+        return [m.layer.weight for _, m in self.layers]
+
     def set_mode(self, mode: str, mask: Optional[np.ndarray] = None) -> None:
         """sample (training), expected (m = theta) or fixed (a given 0/1 mask of length d)."""
         if mode not in (SAMPLE, EXPECTED, FIXED):

@@ -22,11 +22,13 @@ from typing import Dict, Iterator, List, Optional
 import numpy as np
 
 from deltamask.codecs import MASK as CARRIES_MASK
+from deltamask.codecs import WEIGHTS
 from deltamask.codecs import decode as decode_payload
 from deltamask.codecs import get_codec
 from deltamask.codecs.conditional import undecided
 from deltamask.errors import DeltaMaskError
-from deltamask.federation import HEAD, Aggregator, LocalTraining, Policy, device_task, head_bits, plan_round
+from deltamask.federation import (HEAD, THRESHOLD, Aggregator, LocalTraining, Policy, device_task, head_bits,
+                                  plan_round)
 from deltamask.headwire import encode_head
 from deltamask.learn.masking import IDENTITY
 from deltamask.rounds import rebuild_client_mask
@@ -101,13 +103,19 @@ class Federation:
             plan = plan_round(c, index, self.heads_done, self.masks_done, c.names())
             if plan is None:
                 return
-            yield self.head_round(plan) if plan.phase == HEAD else self.mask_round(plan, progress)
+            if plan.phase == HEAD:
+                yield self.head_round(plan)
+            elif get_codec(c.codec).carries == WEIGHTS:
+                yield self.weight_round(plan, progress)
+            else:
+                yield self.mask_round(plan, progress)
             index += 1
 
     def head_round(self, plan) -> Dict:
         c, started = self.config, time.perf_counter()
         task = device_task(c, plan)
         head = self.agg.head
+        downlink = 8 * len(encode_head(*head)) / self.d if head is not None else 0.0  # a linear probe's start
         shares = {}
         for name in plan.selected:
             reply = self.learners[name].work(task, name, head)
@@ -116,7 +124,7 @@ class Federation:
         self.heads_done += 1
         bits = head_bits(c, self.agg.num_classes, self.agg.feature_dim)
         return {"round": plan.index, "phase": HEAD, "head": c.head, "clients": len(plan.selected),
-                "uplink_bpp": bits / self.d, "head_sha256": _sha(encode_head(*self.agg.head)),
+                "uplink_bpp": bits / self.d, "downlink_bpp": downlink, "head_sha256": _sha(encode_head(*self.agg.head)),
                 **self.evaluate(self.agg.head), "time_s": round(time.perf_counter() - started, 3)}
 
     def mask_round(self, plan, progress=None) -> Dict:
@@ -125,7 +133,7 @@ class Federation:
         wire = self.wire
         thresholds = decode_theta(wire, d)  # what every device receives
         self.agg.open_mask(plan)
-        rows, times = [], {"train_s": 0.0, "decode_s": 0.0}
+        rows, times = [], {"train_s": 0.0, "encode_s": 0.0, "decode_s": 0.0}
         carries_mask = get_codec(c.codec).carries == CARRIES_MASK
         for name in plan.selected:
             started = time.perf_counter()
@@ -134,7 +142,8 @@ class Federation:
             update = decode_payload(reply.payload, d, thresholds)
             packed, digest = rebuild_client_mask(update, thresholds, plan.seed, name, c.reference)
             times["decode_s"] += time.perf_counter() - trained
-            times["train_s"] += trained - started
+            times["train_s"] += trained - started - reply.encode_s
+            times["encode_s"] += reply.encode_s
             if digest != reply.reference_digest:
                 raise RuntimeError(f"{name}: reference digest mismatch")
             self.agg.counts.add_packed(packed)
@@ -150,7 +159,7 @@ class Federation:
         self.wire = self.agg.theta_wire()
         self.masks_done += 1
         started = time.perf_counter()
-        scores = self.evaluate(self.agg.head, thresholds, plan.eval_seed)
+        scores = self.evaluate(self.agg.head, thresholds, plan.eval_seed, c.tau if c.mask_rule == THRESHOLD else None)
         return {"round": plan.index, "phase": "mask", "kappa": round(plan.kappa, 4), "clients": len(plan.selected),
                 **scores, "uplink_bpp": float(np.mean([x["bits"] for x in rows])) / d,
                 "downlink_bpp": 8 * len(wire) / d,
@@ -164,6 +173,36 @@ class Federation:
                     for key in ("entropy_bits", "cross_entropy_bits")} if carries_mask else {}),
                 "theta_sha256": _sha(self.wire),
                 **{key: round(v, 3) for key, v in times.items()},
+                "eval_s": round(time.perf_counter() - started, 3)}
+
+
+    def weight_round(self, plan, progress=None) -> Dict:
+        """A fine-tuning baseline's round (codec float32 or eden): the selected devices fine-tune the masked
+        layers' weights from the global ones and upload their updates; the aggregator averages them (FedAvg).
+        Logged as the plan's mask-phase round, with "update": "weights"; the downlink is the new weights'
+        offset in float32 (32 bpp)."""
+        c, d = self.config, self.d
+        task = device_task(c, plan)
+        offset = self.agg.offset.copy()
+        updates, bits, times = {}, [], {"train_s": 0.0, "encode_s": 0.0, "decode_s": 0.0}
+        for name in plan.selected:
+            started = time.perf_counter()
+            reply = self.learners[name].work(task, name, self.agg.head, progress=None, offset=offset)
+            trained = time.perf_counter()
+            updates[name] = (decode_payload(reply.payload, d).values, reply.examples)
+            times["decode_s"] += time.perf_counter() - trained
+            times["train_s"] += trained - started - reply.encode_s
+            times["encode_s"] += reply.encode_s
+            bits.append(8 * len(reply.payload))
+            if progress is not None:
+                progress()
+        offset = self.agg.close_weights(updates)
+        self.masks_done += 1
+        started = time.perf_counter()
+        scores = self.evaluate(self.agg.head, offset=offset)
+        return {"round": plan.index, "phase": "mask", "update": "weights", "clients": len(plan.selected), **scores,
+                "uplink_bpp": float(np.mean(bits)) / d, "downlink_bpp": 32.0,
+                "weights_sha256": _sha(offset.tobytes()), **{key: round(v, 3) for key, v in times.items()},
                 "eval_s": round(time.perf_counter() - started, 3)}
 
 

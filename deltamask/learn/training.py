@@ -42,13 +42,38 @@ def train_mask(net: nn.Module, masks: MaskedModule, theta_g: np.ndarray, inputs:
     and BatchNorm statistics are left as they were (`net` stays in eval mode). With
     `local.loss == "local_classes"` the softmax runs over the classes present in `labels` only, so that
     a device holding two classes does not learn to silence the other eight (label skew)."""
-    if num_rows(inputs) == 0:
-        raise ValueError("a client with no local data cannot train")
-    net.eval()
     masks.set_theta(theta_g)
     masks.set_mode(SAMPLE)
     masks.generator.manual_seed(seed)
-    optimizer = _adam(masks.scores(), local.lr)
+    _fit(net, _adam(masks.scores(), local.lr), inputs, labels, local, seed, progress)
+    return masks.theta()
+
+
+def train_weights(net: nn.Module, masks: MaskedModule, inputs: Inputs, labels: torch.Tensor,
+                  local: LocalTraining = LocalTraining(), seed: int = 0,
+                  progress: Optional[Callable[[int], None]] = None) -> np.ndarray:
+    """The fine-tuning baselines: train the masked layers' weights themselves (every mask held at one;
+    Adam at `local.weight_lr`), from whatever they are set to, with the same batches and loss as
+    `train_mask`; the head and BatchNorm statistics stay frozen. Returns the weights (float32, length d)."""
+    masks.set_mode(FIXED, np.ones(masks.d, dtype=bool))
+    params = masks.weight_tensors()
+    for p in params:
+        p.requires_grad_(True)
+    try:
+        _fit(net, torch.optim.Adam(params, lr=local.weight_lr), inputs, labels, local, seed, progress)
+    finally:
+        for p in params:
+            p.requires_grad_(False)
+        masks.set_mode(SAMPLE)
+    return masks.weights()
+
+
+def _fit(net: nn.Module, optimizer: torch.optim.Optimizer, inputs: Inputs, labels: torch.Tensor,
+         local: LocalTraining, seed: int, progress: Optional[Callable[[int], None]]) -> None:
+    """`local.epochs` over (inputs, labels) in seeded batches, stepping `optimizer` on the local loss."""
+    if num_rows(inputs) == 0:
+        raise ValueError("a client with no local data cannot train")
+    net.eval()
     order = torch.Generator().manual_seed(seed)
     absent = None
     for _ in range(local.epochs):
@@ -63,7 +88,6 @@ def train_mask(net: nn.Module, masks: MaskedModule, theta_g: np.ndarray, inputs:
             optimizer.step()
             if progress is not None:
                 progress(len(index))
-    return masks.theta()
 
 
 def _adam(params, lr: float) -> torch.optim.Optimizer:

@@ -106,4 +106,4 @@ def test_encode_refuses_positions_outside_d(name):
 
 def test_unknown_codec_name_lists_the_known_ones():
     with pytest.raises(ValueError, match="bfuse8"):
-        get_codec("bloom")
+        get_codec("cuckoo")
