@@ -181,7 +181,8 @@ def main() -> int:
     parser.add_argument("--experiment", type=Path, default=None, help="an experiment file (YAML); see experiments/")
     parser.add_argument("--out", type=Path, default=None)
     parser.add_argument("--seeds", type=int, nargs="+", default=None, help="run every configuration with each seed")
-    parser.add_argument("--runs", nargs="+", default=DEFAULT_RUNS, choices=list(RUNS))
+    parser.add_argument("--runs", nargs="+", default=None, choices=list(RUNS),
+                        help=f"default: {' '.join(DEFAULT_RUNS)}; with --experiment, only these of the file's runs")
     for name in ("rounds", "train_samples", "test_samples", "clients", "seed"):
         parser.add_argument("--" + name.replace("_", "-"), type=int, default=getattr(SimConfig, name))
     parser.add_argument("--alpha", type=float, default=SimConfig.alpha)
@@ -191,8 +192,12 @@ def main() -> int:
     parser.add_argument("--jobs", type=int, default=1, help="configurations run at a time (one torch thread each)")
     parser.add_argument("--fresh", action="store_true", help="run again the runs whose logs are complete already")
     args = parser.parse_args()
+    only = args.runs
     if args.experiment is not None:
         experiment(args.experiment, args)
+        if only:
+            args.runs = [r for r in args.runs if r in only]
+    args.runs = args.runs or DEFAULT_RUNS
     if args.out is None:
         parser.error("--out (or an experiment file's out:) is required")
     args.out.mkdir(parents=True, exist_ok=True)

@@ -158,6 +158,12 @@ def serve(config, args) -> int:
     except StateError as exc:
         print(f"deltamask-server: error: {exc}", file=sys.stderr)
         return 2
+    if config.metrics_listen is not None:
+        from server.metrics import Metrics
+
+        coordinator.metrics = Metrics(coordinator)
+        metrics_server, port = coordinator.metrics.serve(config.metrics_listen)
+        log.info("Prometheus metrics on http://%s:%d/metrics", config.metrics_listen.rpartition(":")[0], port)
     server = Server(coordinator, config.listen, tls=config.tls, insecure=config.insecure, limits=config.limits)
     stop = threading.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
@@ -174,6 +180,8 @@ def serve(config, args) -> int:
             if coordinator.everyone_told_done() or time.monotonic() - done_at > config.done_grace_s:
                 break
     server.stop()
+    if config.metrics_listen is not None:
+        metrics_server.shutdown()
     rounds.join(timeout=10)
     coordinator.flush_told()
     coordinator.store.close()

@@ -76,6 +76,9 @@ class ServerConfig(Policy):
     tls: Optional[Tls] = None  # required unless insecure: true
     insecure: bool = False  # serve plaintext (a laptop demo behind a firewall; never across a network)
     limits: Limits = field(default_factory=Limits)
+    # Prometheus metrics over HTTP ("host:port"; server/metrics.py lists them); unauthenticated: keep it on
+    # the loopback address or behind the host's firewall. None: not served.
+    metrics_listen: Optional[str] = None
 
     def check(self) -> None:
         super().check()
@@ -99,6 +102,8 @@ class ServerConfig(Policy):
         if self.tls is not None:
             self.tls.check()
         self.limits.check()
+        if self.metrics_listen is not None and not self.metrics_listen.rpartition(":")[2].isdigit():
+            raise ValueError(f"metrics_listen must be host:port, got {self.metrics_listen!r}")
         for key in ("round_deadline_s", "heartbeat_interval_s", "done_grace_s"):
             if getattr(self, key) <= 0:
                 raise ValueError(f"{key} must be positive, got {getattr(self, key)}")

@@ -152,6 +152,7 @@ class Coordinator:
                  on_round: Optional[Callable[[Dict], None]] = None) -> None:
         self.config, self.facts, self.store, self.clock = config, facts, store, clock
         self.evaluate, self.on_round = evaluate, on_round
+        self.metrics = None  # server.metrics.Metrics when metrics_listen is set: updates and rounds are counted
         self.d = facts.d
         share = head_bits(config, config.num_classes, facts.feature_dim) // 8
         self.max_upload_bytes = config.max_upload_bytes or max(self.d // 8, share) + (1 << 20)
@@ -445,6 +446,8 @@ class Coordinator:
                 r.decode_s[device_id] = decode_s
                 r.last_upload = time.perf_counter()
                 self._changed()
+        if self.metrics is not None:
+            self.metrics.update_taken(self.devices[device_id].kind, r.phase, len(payload), decode_s, metrics)
         return False
 
     def status(self) -> Dict:
@@ -603,6 +606,8 @@ class Coordinator:
             scores = self.evaluate(self.agg.head, self.thresholds if mask else None, eval_seed(seed))
             summary.update(scores)
             self.store.close_round(summary["round"], summary["state"], summary)
+        if self.metrics is not None:
+            self.metrics.round_closed(summary)
         if self.on_round is not None:
             self.on_round(summary)
 

@@ -181,6 +181,8 @@ class CoordinatorService(rpc.CoordinatorServicer):
                 raise InvalidUpdate(f"offset {request.offset} is past the end of theta ({len(wire)} bytes)")
             for offset, piece in split(wire, request.offset, self.chunk_bytes):
                 await context.write(pb.Chunk(total_length=len(wire), sha256=digest, offset=offset, data=piece))
+                if self.c.metrics is not None:
+                    self.c.metrics.served(len(piece))
 
     @_refusals
     async def SubmitUpdate(self, request_iterator, context):
@@ -292,7 +294,12 @@ class Server:
         return asyncio.run_coroutine_threadsafe(coroutine, self.loop).result()
 
     async def _build(self, address: str, tls: Optional[Tls], chunk_bytes: int) -> int:
-        self.grpc = grpc.aio.server(options=server_options(self.limits),
+        timer = []
+        if self.coordinator.metrics is not None:  # RPC latency by method and status code (server/metrics.py)
+            from server.metrics import RpcTimer
+
+            timer = [RpcTimer(self.coordinator.metrics, SERVICE_NAME)]
+        self.grpc = grpc.aio.server(options=server_options(self.limits), interceptors=timer,
                                     maximum_concurrent_rpcs=self.limits.max_concurrent_rpcs)
         service = CoordinatorService(self.coordinator, self.limits, self.pool, chunk_bytes)
         rpc.add_CoordinatorServicer_to_server(service, self.grpc)
