@@ -457,6 +457,23 @@ class Coordinator:
                     "registered": len(self.devices), "online": len(self._online()),
                     "history": list(self.history)}
 
+    def device_list(self) -> List[Dict]:
+        """The enrolled devices, by name, as an operator sees them."""
+        with self.lock:
+            online, now = set(self._online()), self.clock()
+            return [{"device_id": d.device_id, "name": d.name, "kind": d.kind, "online": d.device_id in online,
+                     "seen_s_ago": max(0.0, now - d.last_seen) if d.last_seen else -1.0, "codec": d.codec,
+                     "told_done": d.told_done} for d in sorted(self.devices.values(), key=lambda d: d.name)]
+
+    def update_list(self, first_round: int = 0) -> List[Dict]:
+        """Every update taken from `first_round` on, with its round's phase, its device's name and the
+        measurements the device sent."""
+        phases = {r["round"]: r["phase"] for r in self.store.rounds()}
+        with self.lock:
+            names = {d.device_id: d.name for d in self.devices.values()}
+        return [{**u, "phase": phases.get(u["round"], MASK), "name": names.get(u["device_id"], "")}
+                for u in self.store.updates_from(first_round)]
+
     def flush_told(self) -> None:
         """Record which devices have been told that training is over (a restart tells the others), and which
         have called with their credential (kept off the event loop: the rounds thread and the CLI call this)."""

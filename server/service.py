@@ -238,6 +238,22 @@ class CoordinatorService(rpc.CoordinatorServicer):
         return pb.StatusReply(round=s["round"], phase=PHASES[s["phase"]], registered=s["registered"],
                               online=s["online"], history=history)
 
+    @_refusals
+    async def ListDevices(self, request, context):
+        self.c.authorize_operator(bearer(context))
+        return pb.DevicesReply(devices=[pb.DeviceInfo(**d) for d in self.c.device_list()])
+
+    @_refusals
+    async def ListUpdates(self, request, context):
+        self.c.authorize_operator(bearer(context))
+        updates = await self._blocking(self.c.update_list, request.from_round)
+        known = {f.name for f in pb.Metrics.DESCRIPTOR.fields}
+        return pb.UpdatesReply(updates=[
+            pb.UpdateInfo(round=u["round"], phase=PHASES[u["phase"]], device_id=u["device_id"], name=u["name"],
+                          nbytes=u["nbytes"], metrics=pb.Metrics(**{k: v for k, v in u["metrics"].items()
+                                                                    if k in known}))
+            for u in updates])
+
 
 class _Slot:
     """One call of a device in flight, counted against limits.calls_per_device."""

@@ -199,6 +199,12 @@ class Store:
             u["metrics"] = json.loads(u["metrics"])
         return out
 
+    def updates_from(self, first_round: int) -> List[Dict[str, Any]]:
+        """Every update row from round `first_round` on (round, device_id, nbytes, metrics), in order taken."""
+        rows = self._all("SELECT round, device_id, nbytes, metrics FROM updates WHERE round >= ? "
+                         "ORDER BY round, received_at", (first_round,))
+        return [{"round": r, "device_id": d, "nbytes": n, "metrics": json.loads(m)} for r, d, n, m in rows]
+
     def find_update(self, round_index: int, device_id: str) -> Optional[str]:
         """The SHA-256 of the update a device sent for a round, None if none."""
         row = self._one("SELECT sha256 FROM updates WHERE round = ? AND device_id = ?", (round_index, device_id))

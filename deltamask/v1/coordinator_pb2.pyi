@@ -263,3 +263,59 @@ class StatusReply(_message.Message):
     online: int
     history: _containers.RepeatedCompositeFieldContainer[RoundSummary]
     def __init__(self, round: _Optional[int] = ..., phase: _Optional[_Union[Phase, str]] = ..., registered: _Optional[int] = ..., online: _Optional[int] = ..., history: _Optional[_Iterable[_Union[RoundSummary, _Mapping]]] = ...) -> None: ...
+
+class DevicesRequest(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...
+
+class DeviceInfo(_message.Message):
+    __slots__ = ("device_id", "name", "kind", "online", "seen_s_ago", "codec", "told_done")
+    DEVICE_ID_FIELD_NUMBER: _ClassVar[int]
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    KIND_FIELD_NUMBER: _ClassVar[int]
+    ONLINE_FIELD_NUMBER: _ClassVar[int]
+    SEEN_S_AGO_FIELD_NUMBER: _ClassVar[int]
+    CODEC_FIELD_NUMBER: _ClassVar[int]
+    TOLD_DONE_FIELD_NUMBER: _ClassVar[int]
+    device_id: str
+    name: str
+    kind: str
+    online: bool
+    seen_s_ago: float
+    codec: str
+    told_done: bool
+    def __init__(self, device_id: _Optional[str] = ..., name: _Optional[str] = ..., kind: _Optional[str] = ..., online: bool = ..., seen_s_ago: _Optional[float] = ..., codec: _Optional[str] = ..., told_done: bool = ...) -> None: ...
+
+class DevicesReply(_message.Message):
+    __slots__ = ("devices",)
+    DEVICES_FIELD_NUMBER: _ClassVar[int]
+    devices: _containers.RepeatedCompositeFieldContainer[DeviceInfo]
+    def __init__(self, devices: _Optional[_Iterable[_Union[DeviceInfo, _Mapping]]] = ...) -> None: ...
+
+class UpdatesRequest(_message.Message):
+    __slots__ = ("from_round",)
+    FROM_ROUND_FIELD_NUMBER: _ClassVar[int]
+    from_round: int
+    def __init__(self, from_round: _Optional[int] = ...) -> None: ...
+
+class UpdateInfo(_message.Message):
+    __slots__ = ("round", "phase", "device_id", "name", "nbytes", "metrics")
+    ROUND_FIELD_NUMBER: _ClassVar[int]
+    PHASE_FIELD_NUMBER: _ClassVar[int]
+    DEVICE_ID_FIELD_NUMBER: _ClassVar[int]
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    NBYTES_FIELD_NUMBER: _ClassVar[int]
+    METRICS_FIELD_NUMBER: _ClassVar[int]
+    round: int
+    phase: Phase
+    device_id: str
+    name: str
+    nbytes: int
+    metrics: Metrics
+    def __init__(self, round: _Optional[int] = ..., phase: _Optional[_Union[Phase, str]] = ..., device_id: _Optional[str] = ..., name: _Optional[str] = ..., nbytes: _Optional[int] = ..., metrics: _Optional[_Union[Metrics, _Mapping]] = ...) -> None: ...
+
+class UpdatesReply(_message.Message):
+    __slots__ = ("updates",)
+    UPDATES_FIELD_NUMBER: _ClassVar[int]
+    updates: _containers.RepeatedCompositeFieldContainer[UpdateInfo]
+    def __init__(self, updates: _Optional[_Iterable[_Union[UpdateInfo, _Mapping]]] = ...) -> None: ...

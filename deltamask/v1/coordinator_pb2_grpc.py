@@ -64,6 +64,16 @@ class CoordinatorStub(object):
                 request_serializer=deltamask_dot_v1_dot_coordinator__pb2.StatusRequest.SerializeToString,
                 response_deserializer=deltamask_dot_v1_dot_coordinator__pb2.StatusReply.FromString,
                 _registered_method=True)
+        self.ListDevices = channel.unary_unary(
+                '/deltamask.v1.Coordinator/ListDevices',
+                request_serializer=deltamask_dot_v1_dot_coordinator__pb2.DevicesRequest.SerializeToString,
+                response_deserializer=deltamask_dot_v1_dot_coordinator__pb2.DevicesReply.FromString,
+                _registered_method=True)
+        self.ListUpdates = channel.unary_unary(
+                '/deltamask.v1.Coordinator/ListUpdates',
+                request_serializer=deltamask_dot_v1_dot_coordinator__pb2.UpdatesRequest.SerializeToString,
+                response_deserializer=deltamask_dot_v1_dot_coordinator__pb2.UpdatesReply.FromString,
+                _registered_method=True)
 
 
 class CoordinatorServicer(object):
@@ -107,7 +117,22 @@ class CoordinatorServicer(object):
         raise NotImplementedError('Method not implemented!')
 
     def GetStatus(self, request, context):
-        """Missing associated documentation comment in .proto file."""
+        """Operator calls (the operator credential, state_dir/operator.credential, as call metadata):
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ListDevices(self, request, context):
+        """the enrolled devices, by name
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ListUpdates(self, request, context):
+        """every update taken from `from_round` on, with the measurements its device sent (energy, times)
+        """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
@@ -144,6 +169,16 @@ def add_CoordinatorServicer_to_server(servicer, server):
                     servicer.GetStatus,
                     request_deserializer=deltamask_dot_v1_dot_coordinator__pb2.StatusRequest.FromString,
                     response_serializer=deltamask_dot_v1_dot_coordinator__pb2.StatusReply.SerializeToString,
+            ),
+            'ListDevices': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListDevices,
+                    request_deserializer=deltamask_dot_v1_dot_coordinator__pb2.DevicesRequest.FromString,
+                    response_serializer=deltamask_dot_v1_dot_coordinator__pb2.DevicesReply.SerializeToString,
+            ),
+            'ListUpdates': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListUpdates,
+                    request_deserializer=deltamask_dot_v1_dot_coordinator__pb2.UpdatesRequest.FromString,
+                    response_serializer=deltamask_dot_v1_dot_coordinator__pb2.UpdatesReply.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -308,6 +343,60 @@ class Coordinator(object):
             '/deltamask.v1.Coordinator/GetStatus',
             deltamask_dot_v1_dot_coordinator__pb2.StatusRequest.SerializeToString,
             deltamask_dot_v1_dot_coordinator__pb2.StatusReply.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListDevices(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/deltamask.v1.Coordinator/ListDevices',
+            deltamask_dot_v1_dot_coordinator__pb2.DevicesRequest.SerializeToString,
+            deltamask_dot_v1_dot_coordinator__pb2.DevicesReply.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListUpdates(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/deltamask.v1.Coordinator/ListUpdates',
+            deltamask_dot_v1_dot_coordinator__pb2.UpdatesRequest.SerializeToString,
+            deltamask_dot_v1_dot_coordinator__pb2.UpdatesReply.FromString,
             options,
             channel_credentials,
             insecure,
