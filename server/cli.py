@@ -4,6 +4,7 @@
     deltamask-server client-cert --config server.yaml --name pi-kitchen   # for mutual TLS (tls.client_ca)
     deltamask-server token    --config server.yaml [--name pi-kitchen] [--ttl 24h] [--uses 1]
     deltamask-server operator --config server.yaml    # the operator credential's file (GetStatus, admin calls)
+    deltamask-server export   --config server.yaml --out model.onnx [--format onnx|torch] [--mask sample|mode]
     deltamask-server [serve]  --config server.yaml    # one JSON line per closed round on stdout
 
 `serve` refuses to start without TLS unless the configuration says `insecure: true`. SIGTERM or Ctrl-C:
@@ -26,7 +27,7 @@ from deltamask.yamlconfig import ConfigError
 from server.config import load_config
 
 log = logging.getLogger("deltamask.server")
-COMMANDS = ("serve", "tls", "client-cert", "token", "operator")
+COMMANDS = ("serve", "tls", "client-cert", "token", "operator", "export")
 DURATION = re.compile(r"^(\d+(?:\.\d+)?)([smhd]?)$")
 
 
@@ -36,12 +37,13 @@ def main(argv: Optional[List[str]] = None) -> int:
         argv.insert(0, "serve")
     parser = argparse.ArgumentParser(prog="deltamask-server", description=__doc__.split("\n")[0],
                                      formatter_class=argparse.RawDescriptionHelpFormatter,
-                                     epilog="\n".join(__doc__.split("\n")[2:7]))
+                                     epilog="\n".join(__doc__.split("\n")[2:8]))
     sub = parser.add_subparsers(dest="command", required=True)
     commands = {name: sub.add_parser(name, help=help_) for name, help_ in (
         ("serve", "run the coordinator"), ("tls", "make a CA (once) and a server certificate in state_dir/tls"),
         ("client-cert", "make a client certificate from the CA (mutual TLS)"),
-        ("token", "make an enrollment token and print it"), ("operator", "make the operator credential's file"))}
+        ("token", "make an enrollment token and print it"), ("operator", "make the operator credential's file"),
+        ("export", "write the fine-tuned model (final mask and head) as one ONNX or TorchScript file"))}
     for p in commands.values():
         p.add_argument("--config", required=True, help="YAML configuration (see server/example.yaml)")
         p.add_argument("--log-level", default="INFO")
@@ -54,13 +56,18 @@ def main(argv: Optional[List[str]] = None) -> int:
     commands["token"].add_argument("--ttl", default="24h", help="valid for: 90s, 30m, 24h, 7d (default 24h)")
     commands["token"].add_argument("--uses", type=int, default=1,
                                    help="enrollments it allows, 0 for any number until it expires (default 1)")
+    commands["export"].add_argument("--out", required=True, help="the model file to write (model.onnx)")
+    commands["export"].add_argument("--format", choices=("onnx", "torch"), default="onnx")
+    commands["export"].add_argument("--mask", choices=("sample", "mode"), default="sample",
+                                    help="sample: the seeded sample the last round was scored with (default); "
+                                         "mode: every weight with theta >= 1/2")
     args = parser.parse_args(argv)
     logging.basicConfig(level=args.log_level.upper(), stream=sys.stderr,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
         config = load_config(args.config)
         return {"serve": serve, "tls": make_tls, "client-cert": client_cert, "token": make_token,
-                "operator": operator}[args.command](config, args)
+                "operator": operator, "export": export_model}[args.command](config, args)
     except (ConfigError, DeltaMaskError, ValueError, OSError) as exc:
         print(f"deltamask-server: error: {exc}", file=sys.stderr)
         return 2
@@ -111,6 +118,15 @@ def make_token(config, args) -> int:
     uses = f"{args.uses} enrollment{'s' if args.uses != 1 else ''}" if args.uses else "any number of enrollments"
     print(f"# enrollment token for {scope}: {uses}, valid {args.ttl}", file=sys.stderr)
     print(token)
+    return 0
+
+
+def export_model(config, args) -> int:
+    from server.evaluation import model_facts
+    from server.export import export
+
+    meta = export(config, model_facts(config), Path(args.out), args.format, args.mask)
+    print(json.dumps({"out": args.out, **{k: meta[k] for k in ("round", "mask", "accuracy", "theta_sha256")}}))
     return 0
 
 

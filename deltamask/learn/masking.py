@@ -144,6 +144,15 @@ class MaskedModule:
             for (_, m), part in zip(self.layers, self._split(torch.as_tensor(np.asarray(flat, dtype=np.float32)))):
                 m.layer.weight.copy_(part.reshape(m.layer.weight.shape))
 
+    def bake(self, mask: np.ndarray) -> nn.Module:
+        """Multiply the weights by a fixed 0/1 mask and put the plain layers back in place: the module is an
+        ordinary network again (export), and this MaskedModule is spent. Returns the module."""
+        self.set_weights(self.weights() * np.asarray(mask, dtype=np.float32))
+        for name, masked in self.layers:
+            _replace(self.module, name, masked.layer)
+        self.layers = []
+        return self.module
+
     def weight_tensors(self) -> List[torch.Tensor]:
         return [m.layer.weight for _, m in self.layers]
 
