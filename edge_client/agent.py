@@ -166,7 +166,7 @@ class Agent:
         images, labels = data.images[share], data.labels[share]
         started = time.perf_counter()
         inputs = model.prefix(images, lambda batches: _progress(batches, c.progress, "prefix", unit="batch"),
-                              cache=Path(os.path.expanduser(c.cache_dir)))
+                              cache=Path(os.path.expanduser(c.cache_dir)), runtime=c.prefix_runtime)
         log.info("prefix outputs of %d images in %.1f s", len(labels), time.perf_counter() - started)
         self.learner = LocalLearner(model, inputs, labels)
         self.examples = len(labels)

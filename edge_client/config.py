@@ -57,6 +57,9 @@ class AgentConfig:
     codec: str = ""  # preferred codec, a hint to the coordinator
     weights: Optional[str] = "default"  # backbone weights: "default" (offline copy, then download) or a file
     cache_dir: str = "~/.cache/deltamask/prefix"  # prefix outputs, computed once per dataset
+    # the frozen prefix's pass over local data: auto (onnxruntime where measured faster, when installed),
+    # onnxruntime or torch (docs/results.md, "The prefix on onnxruntime")
+    prefix_runtime: str = "auto"
     energy: EnergyConfig = field(default_factory=EnergyConfig)
     task_wait_s: float = 30.0  # long-poll length
     max_backoff_s: float = 60.0
@@ -72,6 +75,8 @@ class AgentConfig:
     data: DataConfig = field(default_factory=DataConfig)
 
     def check(self) -> None:
+        if self.prefix_runtime not in ("auto", "onnxruntime", "torch"):
+            raise ValueError(f"prefix_runtime must be auto, onnxruntime or torch, got {self.prefix_runtime!r}")
         if not self.name:
             raise ValueError("name must not be empty")
         if self.kind not in KINDS:

@@ -20,10 +20,12 @@ Outputs = Union[torch.Tensor, Tuple[torch.Tensor, ...]]
 
 
 @torch.inference_mode()
-def run_prefix(backbone: Backbone, batches: Iterable) -> Outputs:
-    """Concatenate prefix(batch) over the batches (tensors, or tuples of tensors for text)."""
+def run_prefix(backbone: Backbone, batches: Iterable, runner=None) -> Outputs:
+    """Concatenate prefix(batch) over the batches (tensors, or tuples of tensors for text); `runner` (from
+    `deltamask.learn.onnx_prefix.prefix_runner`) runs it instead of the torch module when given."""
     backbone.prefix.eval()
-    parts = [backbone.prefix(batch) for batch in batches]
+    runner = runner or backbone.prefix
+    parts = [runner(batch) for batch in batches]
     if not parts:
         raise ValueError("no input batches to run the prefix on")
     if isinstance(parts[0], tuple):

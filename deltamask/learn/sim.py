@@ -56,6 +56,7 @@ class SimConfig(Policy):
     min_per_client: int = 10
     estimator: str = IDENTITY
     cache_dir: Optional[str] = None  # prefix outputs kept here between runs (as an agent keeps them)
+    prefix_runtime: str = "auto"  # auto | onnxruntime | torch, as the agents' (deltamask.learn.onnx_prefix)
 
     def names(self) -> List[str]:
         return [client_name(k) for k in range(self.clients)]
@@ -83,9 +84,10 @@ class Federation:
         self.learners = {}
         for k, name in enumerate(c.names()):
             share = device_share(train.labels, c.train_samples, c.clients, k, c.alpha, c.min_per_client, c.seed)
-            self.learners[name] = LocalLearner(self.model, self.model.prefix(train.images[share], cache=cache),
-                                               train.labels[share])
-        self.evaluate = Evaluator(self.model, self.model.prefix(test.images[held], cache=cache), test.labels[held])
+            inputs = self.model.prefix(train.images[share], cache=cache, runtime=c.prefix_runtime)
+            self.learners[name] = LocalLearner(self.model, inputs, train.labels[share])
+        held_inputs = self.model.prefix(test.images[held], cache=cache, runtime=c.prefix_runtime)
+        self.evaluate = Evaluator(self.model, held_inputs, test.labels[held])
         self.prefix_s = time.perf_counter() - started
         self.d = self.model.d
         self.agg = Aggregator(c, self.d, num_classes, self.model.feature_dim)
