@@ -1,8 +1,9 @@
 """The arm64 check: a Raspberry Pi's install route, for real, under QEMU, against an x86_64 coordinator.
 
-    sudo python3 deploy/arm64_check.py [--root /var/tmp/deltamask-arm64] [--out docs/runs/arm64]
+    sudo .venv/bin/python deploy/arm64_check.py [--root /var/tmp/deltamask-arm64] [--out docs/runs/arm64]
 
-As root on an x86_64 Debian host (it installs qemu-user-static, debootstrap and binfmt-support when missing):
+As root on an x86_64 Debian host, with this checkout's `make install` done (the coordinator runs from .venv); it
+installs qemu-user-static, debootstrap and binfmt-support when missing:
   1. a Debian bookworm arm64 root (what 64-bit Raspberry Pi OS is built on), by debootstrap; kept and
      reused by the next run;
   2. the project copied in (`git archive HEAD`: what is committed), and `deploy/install-rpi4.sh` run in the
@@ -95,8 +96,6 @@ def free_port() -> int:
 
 
 def federation(root: Path, work: Path, timeout_s: float) -> dict:
-    import yaml
-
     python = str(ROOT_DIR / ".venv/bin/python")
     env = {**os.environ, "PYTHONPATH": str(ROOT_DIR), "HF_HUB_OFFLINE": "1"}
     port, state = free_port(), work / "state"
@@ -108,7 +107,7 @@ def federation(root: Path, work: Path, timeout_s: float) -> dict:
               "exit_when_done": True, "tls": {"cert": str(state / "tls/server.pem"), "key": str(state / "tls/server.key")},
               "evaluation": {"dataset": "digits", "samples": 300}, "local": {"batch_size": 32}}
     server_yaml = work / "server.yaml"
-    server_yaml.write_text(yaml.safe_dump(config))
+    server_yaml.write_text(json.dumps(config))  # JSON is YAML
     sh([python, "-m", "server.cli", "tls", "--config", str(server_yaml), "--hosts", "localhost,127.0.0.1"], env=env,
        cwd=ROOT_DIR, capture_output=True)
     token = subprocess.run([python, "-m", "server.cli", "token", "--config", str(server_yaml), "--uses", "2"], env=env,
@@ -126,7 +125,7 @@ def federation(root: Path, work: Path, timeout_s: float) -> dict:
                  "kind": "rpi4", "weights": "default", "cache_dir": "/var/tmp/deltamask-check/cache",
                  "prefix_runtime": "onnxruntime", "progress": False, "exit_when_done": True,
                  "data": {"dataset": "digits", "samples": 0, "clients": 2, "index": k, "alpha": 10.0, "seed": 0}}
-        (inside / f"agent-{k}.yaml").write_text(yaml.safe_dump(agent))
+        (inside / f"agent-{k}.yaml").write_text(json.dumps(agent))
         agents.append(subprocess.Popen(
             ["chroot", str(root), "/opt/deltamask/venv/bin/deltamask-client", "--config",
              f"/var/tmp/deltamask-check/agent-{k}.yaml"], stdout=open(work / f"agent-{k}.log", "w"),
@@ -164,7 +163,7 @@ def main() -> int:
         copy_project(args.root)
         install_s = install(args.root, args.out / "install.log")
     result = federation(args.root, Path("/var/tmp/deltamask-check"), args.timeout)
-    report = {"command": "sudo python3 deploy/arm64_check.py", "install_script": "deploy/install-rpi4.sh (unpatched; "
+    report = {"command": "sudo .venv/bin/python deploy/arm64_check.py", "install_script": "deploy/install-rpi4.sh (unpatched; "
               f"TORCH_INDEX= TORCH_SPEC={TORCH})", "install_s": install_s, "agent_arch": result["agent_arch"],
               "agent_python_torch_onnxruntime_grpc": result["agent_python"], "coordinator_arch": platform.machine(),
               "server_exit": result["server_exit"], "agents_exit": result["agents_exit"],
