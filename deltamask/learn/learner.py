@@ -169,7 +169,8 @@ class LocalLearner:
 
 class Evaluator:
     """Accuracy on held-out examples: the head alone (every weight kept) after the head phase; after a
-    mask round, with a mask sampled from theta (`eval_seed`) and with the expected mask theta * w."""
+    mask round, with a mask sampled from theta (`eval_seed`), with the expected mask theta * w, and with the
+    deterministic mask theta >= 1/2."""
 
     def __init__(self, model: Model, inputs: Inputs, labels) -> None:
         self.model, self.inputs, self.labels = model, inputs, torch.as_tensor(labels)
@@ -189,7 +190,9 @@ class Evaluator:
         m.masks.set_theta(theta)
         mask = sample_mask(thresholds, eval_seed) if tau is None else theta >= tau
         sampled = evaluate(m.net, m.masks, self.inputs, self.labels, mask=mask)
-        return {"accuracy": sampled, "accuracy_expected": evaluate(m.net, m.masks, self.inputs, self.labels)}
+        return {"accuracy": sampled, "accuracy_expected": evaluate(m.net, m.masks, self.inputs, self.labels),
+                # the deterministic mask theta >= 1/2 (what `deltamask-server export --mask mode` bakes)
+                "accuracy_mode": evaluate(m.net, m.masks, self.inputs, self.labels, mask=theta >= 0.5)}
 
 
 __all__ = ["Evaluator", "LocalLearner", "Model", "Reply"]
