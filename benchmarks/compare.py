@@ -192,11 +192,13 @@ def main() -> int:
     parser.add_argument("--jobs", type=int, default=1, help="configurations run at a time (one torch thread each)")
     parser.add_argument("--fresh", action="store_true", help="run again the runs whose logs are complete already")
     args = parser.parse_args()
-    only = args.runs
+    only, seeds = args.runs, args.seeds
     if args.experiment is not None:
         experiment(args.experiment, args)
         if only:
             args.runs = [r for r in args.runs if r in only]
+        if seeds:  # the command line's seeds for every run
+            args.seeds, args.run_seeds = seeds, {}
     args.runs = args.runs or DEFAULT_RUNS
     if args.out is None:
         parser.error("--out (or an experiment file's out:) is required")
