@@ -211,8 +211,11 @@ dm_i2c_group() {
             'SUBSYSTEM=="i2c-dev", GROUP="i2c", MODE="0660"' | dm_write "$rule" 0644 root:root
         # no udevd in a chroot, an image builder (pi-gen) or a container: the rule applies at the next boot
         if command -v udevadm >/dev/null 2>&1; then
-            dm_run udevadm control --reload-rules && dm_run udevadm trigger --subsystem-match=i2c-dev \
-                || dm_say "udevd is not running here: the i2c rule applies from the next boot"
+            if dm_run udevadm control --reload-rules; then
+                dm_run udevadm trigger --subsystem-match=i2c-dev
+            else
+                dm_say "udevd is not running here: the i2c rule applies from the next boot"
+            fi
         fi
     fi
     dm_run usermod -aG i2c "$DM_USER"
