@@ -77,14 +77,22 @@ def copy_project(root: Path) -> None:
     subprocess.run(["tar", "-x", "-C", str(src)], input=archive, check=True)
 
 
-def install(root: Path, log: Path) -> float:
+def install(root: Path, log: Path, script: str = "install-rpi4.sh", *options: str) -> float:
     started = time.monotonic()
     with open(log, "w") as out:
         run = subprocess.run(["chroot", str(root), "env", "TORCH_INDEX=", f"TORCH_SPEC={TORCH}",
-                              "bash", "/src/deltamask/deploy/install-rpi4.sh"], stdout=out, stderr=subprocess.STDOUT)
+                              "bash", f"/src/deltamask/deploy/{script}", *options], stdout=out, stderr=subprocess.STDOUT)
     if run.returncode != 0:
-        sys.exit(f"the install script failed (exit {run.returncode}); see {log}")
+        sys.exit(f"{script} failed (exit {run.returncode}); see {log}")
     return time.monotonic() - started
+
+
+# Jetson Nano and Coral: their scripts' venv route (--python) in the same Debian arm64 root. Not their stacks:
+# JetPack 4.6 (Ubuntu 18.04, glibc 2.27, Python 3.6) and Mendel (Debian 10, Python 3.7) images are not
+# reachable here, nor a Docker engine for their default container route.
+OTHER_BOARDS = {"jetson-nano": ("install-jetson-nano.sh", "--python", "/usr/bin/python3", "--prefix",
+                                "/opt/deltamask-jetson"),
+                "coral": ("install-coral.sh", "--python", "/usr/bin/python3", "--prefix", "/opt/deltamask-coral")}
 
 
 def free_port() -> int:
@@ -152,6 +160,8 @@ def main() -> int:
     parser.add_argument("--out", type=Path, default=ROOT_DIR / "docs/runs/arm64")
     parser.add_argument("--timeout", type=float, default=5400)
     parser.add_argument("--skip-install", action="store_true", help="reuse the root's installed agent")
+    parser.add_argument("--other-boards", action="store_true",
+                        help="also run the Jetson Nano and Coral scripts' venv route (--python) in the root")
     args = parser.parse_args()
     if os.geteuid() != 0 or platform.machine() != "x86_64":
         sys.exit("run as root on an x86_64 host")
@@ -162,6 +172,16 @@ def main() -> int:
     if not args.skip_install:
         copy_project(args.root)
         install_s = install(args.root, args.out / "install.log")
+    others = {}
+    if args.other_boards:
+        copy_project(args.root)
+        for board, (script, *options) in OTHER_BOARDS.items():
+            seconds = install(args.root, args.out / f"install-{board}.log", script, *options)
+            imports = subprocess.run(["chroot", str(args.root), f"{options[3]}/venv/bin/python", "-c",
+                                      "import deltamask, torch, pyfusefilter, onnxruntime; print('ok', torch.__version__)"],
+                                     capture_output=True, text=True)
+            others[board] = {"command": f"{script} {' '.join(options)}", "install_s": round(seconds),
+                             "imports": imports.stdout.strip() or imports.stderr.strip()[-300:]}
     result = federation(args.root, Path("/var/tmp/deltamask-check"), args.timeout)
     report = {"command": "sudo .venv/bin/python deploy/arm64_check.py", "install_script": "deploy/install-rpi4.sh (unpatched; "
               f"TORCH_INDEX= TORCH_SPEC={TORCH})", "install_s": install_s, "agent_arch": result["agent_arch"],
@@ -169,7 +189,7 @@ def main() -> int:
               "server_exit": result["server_exit"], "agents_exit": result["agents_exit"],
               "rounds": [{k: r.get(k) for k in ("round", "phase", "state", "received", "accuracy", "uplink_bpp",
                                                  "downlink_bpp", "head_sha256", "theta_sha256")} for r in result["rounds"]],
-              "reference_digests": reference_digests(result["state"])}
+              "reference_digests": reference_digests(result["state"]), "other_boards": others}
     (args.out / "report.json").write_text(json.dumps(report, indent=1) + "\n")
     print(json.dumps(report, indent=1))
     ok = result["server_exit"] == 0 and all(r["state"] == "closed" for r in result["rounds"]) and \
