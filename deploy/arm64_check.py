@@ -7,7 +7,7 @@ installs qemu-user-static, debootstrap and binfmt-support when missing:
   1. a Debian bookworm arm64 root (what 64-bit Raspberry Pi OS is built on), by debootstrap; kept and
      reused by the next run;
   2. the project copied in (`git archive HEAD`: what is committed), and `deploy/install-rpi4.sh` run in the
-     root as it is, with PyPI's torch (TORCH_INDEX= TORCH_SPEC="torch==2.9.1": PyTorch's CPU index is not
+     root as it is, with PyPI's torch (TORCH_INDEX= TORCH_SPEC="torch==2.9.1 torchvision==0.24.1": PyTorch's CPU index is not
      reachable here; on a Pi the script's default index is the route); pyfusefilter builds from its sdist;
   3. an x86_64 coordinator (this checkout's .venv, TLS, tiny backbone, a FiT-LDA head round and 2 mask
      rounds, held-out evaluation on digits) and 2 arm64 agents (the root's venv, digits split in 2, the
@@ -27,7 +27,7 @@ import time
 from pathlib import Path
 
 ROOT_DIR = Path(__file__).resolve().parents[1]
-TORCH = "torch==2.9.1"  # PyPI's aarch64 CPU build (>= 2.11 there pulls CUDA packages)
+TORCH = "torch==2.9.1 torchvision==0.24.1"  # PyPI's aarch64 CPU builds (torch >= 2.11 there pulls CUDA packages)
 PACKAGES = "python3,python3-venv,python3-pip,ca-certificates,git"
 
 
