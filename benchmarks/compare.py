@@ -7,6 +7,11 @@ federation engine the coordinator runs (`deltamask-sim`), same data, same traini
 
     python benchmarks/compare.py --experiment experiments/iid.yaml [--jobs 2]     # a whole setting, every seed
 
+Runs (`RUNS`): DeltaMask with each codec and its variants (kappa, ranking, reference), and the paper's
+baselines on the same engine: fedpm, fedmask, deepreduce, finetune, eden, linear-probe (docs/design.md,
+section 4). `--runs` picks some (with an experiment file: some of the file's); `--seeds` replaces the file's
+seeds; a run whose log already holds every round is kept and not run again (`--fresh` runs it again).
+
 Each run writes its JSON lines to OUT/<name>.jsonl (a config line, then a line a round; with several seeds
 OUT/<name>-seed<N>.jsonl, which `deltamask-report` groups); the Markdown table is printed at the end and
 kept in OUT/table.md. An experiment file (YAML) holds the same arguments: out, runs, seeds, rounds,
@@ -117,7 +122,6 @@ def one(name: str, config: SimConfig, out: Path, threads: int) -> Dict:
 def sim_config(common: Dict, seed: int, spec: Dict, local: Dict) -> SimConfig:
     """One run's configuration: the common arguments, the run's own keys; `head_only` (linear probing
     alone) spends the rounds on federated linear-probe rounds instead of mask rounds."""
-    spec = dict(spec)
     keys = {**common, "seed": seed, **spec}
     if keys.pop("head_only", False):
         keys.update(head_rounds=common["rounds"], rounds=0)
