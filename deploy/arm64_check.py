@@ -78,6 +78,7 @@ def copy_project(root: Path) -> None:
 
 
 def install(root: Path, log: Path, script: str = "install-rpi4.sh", *options: str) -> float:
+    (root / "etc/udev/rules.d/60-deltamask-i2c.rules").unlink(missing_ok=True)  # every run takes the udev step
     started = time.monotonic()
     with open(log, "w") as out:
         run = subprocess.run(["chroot", str(root), "env", "TORCH_INDEX=", f"TORCH_SPEC={TORCH}",
