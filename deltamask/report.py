@@ -147,7 +147,7 @@ def plot(name: str, runs: Sequence[Run], rows: List[Dict], folder: Path, referen
     def save(fig, what: str) -> None:
         fig.tight_layout()
         path = folder / f"{slug}-{what}.png"
-        fig.savefig(path, dpi=110)
+        fig.savefig(path, dpi=110, bbox_inches="tight")  # legends placed outside the axes are kept
         plt.close(fig)
         paths.append(path)
 
@@ -206,7 +206,7 @@ def plot(name: str, runs: Sequence[Run], rows: List[Dict], folder: Path, referen
     ax.set_xlabel("milliseconds per upload (symlog)")
     ax.set_title(f"{name}: encode and decode time per upload")
     ax.invert_yaxis()
-    ax.legend(fontsize=8)
+    ax.legend(fontsize=8, loc="upper center", bbox_to_anchor=(0.5, -0.3), ncol=2)
     save(fig, "codec-time")
     return paths
 
