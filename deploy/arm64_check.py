@@ -96,6 +96,20 @@ OTHER_BOARDS = {"jetson-nano": ("install-jetson-nano.sh", "--python", "/usr/bin/
                 "coral": ("install-coral.sh", "--python", "/usr/bin/python3", "--prefix", "/opt/deltamask-coral")}
 
 
+# onnxruntime 1.32 segfaults on import under this host's qemu-aarch64 (7.2); 1.19.2 loads. A QEMU limit, not a
+# board's: the check puts 1.19.2 in the root's venv after the install script (report: "qemu_onnxruntime").
+QEMU_ONNXRUNTIME = "onnxruntime==1.19.2"
+
+
+def qemu_onnxruntime(root: Path, venv: str = "/opt/deltamask/venv") -> str:
+    loads = subprocess.run(["chroot", str(root), f"{venv}/bin/python", "-c", "import onnxruntime"]).returncode == 0
+    if not loads:
+        sh(["chroot", str(root), f"{venv}/bin/pip", "install", "-q", QEMU_ONNXRUNTIME])
+    return subprocess.run(["chroot", str(root), f"{venv}/bin/python", "-c",
+                           "import onnxruntime; print(onnxruntime.__version__)"], capture_output=True,
+                          text=True).stdout.strip() + ("" if loads else " (the installed one crashed under QEMU)")
+
+
 def free_port() -> int:
     import socket
 
@@ -183,6 +197,7 @@ def main() -> int:
                                      capture_output=True, text=True)
             others[board] = {"command": f"{script} {' '.join(options)}", "install_s": round(seconds),
                              "imports": imports.stdout.strip() or imports.stderr.strip()[-300:]}
+    ort = qemu_onnxruntime(args.root)
     result = federation(args.root, Path("/var/tmp/deltamask-check"), args.timeout)
     report = {"command": "sudo .venv/bin/python deploy/arm64_check.py", "install_script": "deploy/install-rpi4.sh (unpatched; "
               f"TORCH_INDEX= TORCH_SPEC={TORCH})", "install_s": install_s, "agent_arch": result["agent_arch"],
@@ -190,7 +205,8 @@ def main() -> int:
               "server_exit": result["server_exit"], "agents_exit": result["agents_exit"],
               "rounds": [{k: r.get(k) for k in ("round", "phase", "state", "received", "accuracy", "uplink_bpp",
                                                  "downlink_bpp", "head_sha256", "theta_sha256")} for r in result["rounds"]],
-              "reference_digests": reference_digests(result["state"]), "other_boards": others}
+              "qemu_onnxruntime": ort, "reference_digests": reference_digests(result["state"]),
+              "other_boards": others}
     (args.out / "report.json").write_text(json.dumps(report, indent=1) + "\n")
     print(json.dumps(report, indent=1))
     ok = result["server_exit"] == 0 and all(r["state"] == "closed" for r in result["rounds"]) and \

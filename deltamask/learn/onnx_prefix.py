@@ -8,9 +8,13 @@ masked training; this is only the prefix pass over the local data.
 (ONNXRUNTIME_WINS; docs/results.md, `benchmarks/prefix_runtime.py`), torch for the others. The ONNX file's
 name carries the backbone, its weights, the split, the input size and the torch version that exported it.
 """
+import functools
 import hashlib
+import importlib.util
 import logging
 import os
+import subprocess
+import sys
 from pathlib import Path
 from typing import Callable, Optional
 
@@ -32,14 +36,30 @@ def runtime_for(backbone: Backbone, runtime: str = "auto") -> str:
         raise ValueError(f"prefix runtime must be one of {', '.join(RUNTIMES)}, got {runtime!r}")
     if runtime == "torch" or backbone.preprocessing.kind != "image":
         return "torch"
-    try:
-        import onnxruntime  # noqa: F401
-    except ImportError:
-        if runtime == "onnxruntime":
+    if runtime == "onnxruntime":
+        try:
+            import onnxruntime  # noqa: F401
+        except ImportError:
             raise ModelError("prefix runtime onnxruntime asked for, but onnxruntime is not installed "
                              "(pip install onnxruntime)") from None
-        return "torch"
-    return "onnxruntime" if runtime == "onnxruntime" or backbone.name in ONNXRUNTIME_WINS else "torch"
+        return "onnxruntime"
+    return "onnxruntime" if backbone.name in ONNXRUNTIME_WINS and onnxruntime_loads() else "torch"
+
+
+@functools.lru_cache(maxsize=1)
+def onnxruntime_loads() -> bool:
+    """Whether onnxruntime imports here, tried once in a child process: where its native library cannot load
+    (seen: onnxruntime 1.32 under qemu-aarch64 7.2, a segmentation fault on import), `auto` keeps torch
+    instead of the agent dying with it."""
+    if importlib.util.find_spec("onnxruntime") is None:
+        return False  # not installed: torch, quietly
+    try:
+        probe = subprocess.run([sys.executable, "-c", "import onnxruntime"], capture_output=True, timeout=300)
+    except (OSError, subprocess.TimeoutExpired):
+        return False
+    if probe.returncode != 0:
+        log.warning("onnxruntime does not load here (exit %d): the prefix runs on torch", probe.returncode)
+    return probe.returncode == 0
 
 
 def prefix_runner(backbone: Backbone, runtime: str = "auto", cache: Optional[Path] = None,
