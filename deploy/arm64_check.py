@@ -193,7 +193,7 @@ def main() -> int:
         for board, (script, *options) in OTHER_BOARDS.items():
             seconds = install(args.root, args.out / f"install-{board}.log", script, *options)
             imports = subprocess.run(["chroot", str(args.root), f"{options[3]}/venv/bin/python", "-c",
-                                      "import deltamask, torch, pyfusefilter, onnxruntime; print('ok', torch.__version__)"],
+                                      "import deltamask, torch, pyfusefilter, grpc; print('ok', torch.__version__)"],
                                      capture_output=True, text=True)
             others[board] = {"command": f"{script} {' '.join(options)}", "install_s": round(seconds),
                              "imports": imports.stdout.strip() or imports.stderr.strip()[-300:]}
