@@ -70,7 +70,14 @@ def prefix_runner(backbone: Backbone, runtime: str = "auto", cache: Optional[Pat
         return backbone.prefix
     import onnxruntime
 
-    path = onnx_file(backbone, Path(cache) if cache else Path.home() / ".cache" / "deltamask" / "prefix")
+    folder = Path(cache) if cache else Path.home() / ".cache" / "deltamask" / "prefix"
+    try:
+        path = onnx_file(backbone, folder)
+    except Exception as exc:  # torch's exporter needs the onnx package, and may fail on a model: torch runs it
+        if runtime == "onnxruntime":
+            raise ModelError(f"cannot export the prefix of {backbone.name} to ONNX: {exc}") from exc
+        log.warning("prefix of %s not exported to ONNX (%s): it runs on torch", backbone.name, exc)
+        return backbone.prefix
     options = onnxruntime.SessionOptions()
     options.intra_op_num_threads = threads or torch.get_num_threads()
     session = onnxruntime.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
