@@ -79,6 +79,8 @@ def copy_project(root: Path) -> None:
 
 def install(root: Path, log: Path, script: str = "install-rpi4.sh", *options: str) -> float:
     (root / "etc/udev/rules.d/60-deltamask-i2c.rules").unlink(missing_ok=True)  # every run takes the udev step
+    venv = options[3] if len(options) > 3 else "/opt/deltamask"
+    shutil.rmtree(root / venv.lstrip("/"), ignore_errors=True)  # a fresh venv: what the script installs, only
     started = time.monotonic()
     with open(log, "w") as out:
         run = subprocess.run(["chroot", str(root), "env", "TORCH_INDEX=", f"TORCH_SPEC={TORCH}",
@@ -102,12 +104,13 @@ QEMU_ONNXRUNTIME = "onnxruntime==1.19.2"
 
 
 def qemu_onnxruntime(root: Path, venv: str = "/opt/deltamask/venv") -> str:
-    loads = subprocess.run(["chroot", str(root), f"{venv}/bin/python", "-c", "import onnxruntime"]).returncode == 0
-    if not loads:
-        sh(["chroot", str(root), f"{venv}/bin/pip", "install", "-q", QEMU_ONNXRUNTIME])
-    return subprocess.run(["chroot", str(root), f"{venv}/bin/python", "-c",
-                           "import onnxruntime; print(onnxruntime.__version__)"], capture_output=True,
-                          text=True).stdout.strip() + ("" if loads else " (the installed one crashed under QEMU)")
+    probe = ["chroot", str(root), f"{venv}/bin/python", "-c", "import onnxruntime; print(onnxruntime.__version__)"]
+    first = subprocess.run(probe, capture_output=True, text=True)
+    if first.returncode == 0:
+        return f"{first.stdout.strip()} (as installed)"
+    sh(["chroot", str(root), f"{venv}/bin/pip", "install", "-q", QEMU_ONNXRUNTIME])
+    return f"{subprocess.run(probe, capture_output=True, text=True).stdout.strip()} (the installed one exited " \
+           f"{first.returncode} on import under QEMU)"
 
 
 def free_port() -> int:
@@ -155,6 +158,8 @@ def federation(root: Path, work: Path, timeout_s: float) -> dict:
             stderr=subprocess.STDOUT))
     try:
         out, _ = server.communicate(timeout=timeout_s)
+        for a in agents:  # told that training is over, they exit on their own
+            a.wait(timeout=120)
     finally:
         for a in agents + [server]:
             if a.poll() is None:
