@@ -18,6 +18,7 @@ encoder needs no shared state with the server. Decoding refuses non-finite value
 """
 import hashlib
 import struct
+from typing import Callable
 
 import numpy as np
 
@@ -29,10 +30,17 @@ _EDEN = struct.Struct("<QB")
 
 
 class WeightUpdate(DecodedUpdate):
-    """A decoded dense update: `values` (float32, length d). It carries no mask."""
+    """A decoded dense update: `values` (float32, length d), computed when first read (so a weight update
+    sent where a mask is expected is refused before any of that work). It carries no mask."""
 
-    def __init__(self, d: int, values: np.ndarray) -> None:
-        self.d, self.count, self.values = d, d, values
+    def __init__(self, d: int, values: Callable[[], np.ndarray]) -> None:
+        self.d, self.count, self._compute, self._values = d, d, values, None
+
+    @property
+    def values(self) -> np.ndarray:
+        if self._values is None:
+            self._values = self._compute()
+        return self._values
 
     def client_mask(self, reference: np.ndarray, start: int = 0) -> np.ndarray:
         raise PayloadError("a weight update carries no mask (a fine-tuning baseline's payload in a mask round)")
@@ -47,9 +55,12 @@ class Float32(Codec):
     def _decode(self, frame: Frame) -> WeightUpdate:
         if frame.header or frame.count != frame.d or len(frame.body) != 4 * frame.d:
             raise PayloadError(f"float32 payload must hold exactly {frame.d} values and no header")
-        values = np.frombuffer(frame.body, dtype="<f4").astype(np.float32)
-        if not np.all(np.isfinite(values)):
-            raise PayloadError("float32 payload holds values that are not finite")
+        def values() -> np.ndarray:
+            out = np.frombuffer(frame.body, dtype="<f4").astype(np.float32)
+            if not np.all(np.isfinite(out)):
+                raise PayloadError("float32 payload holds values that are not finite")
+            return out
+
         return WeightUpdate(frame.d, values)
 
 
@@ -104,7 +115,10 @@ class Eden(Codec):
             raise PayloadError("eden scales must be finite and non-negative")
         if len(frame.body) != chunks * size // 8 + (1 if chunks * size % 8 else 0):
             raise PayloadError(f"eden body is {len(frame.body)} bytes, expected {-(-chunks * size // 8)}")
-        bits = np.unpackbits(np.frombuffer(frame.body, np.uint8), bitorder="little")[:chunks * size]
-        y = (2.0 * bits.reshape(chunks, size) - 1.0) * scales[:, None]
-        x = fwht(y) / np.sqrt(size) * _signs(seed, y.shape)
-        return WeightUpdate(d, x.ravel()[:d].astype(np.float32))
+        def values() -> np.ndarray:
+            bits = np.unpackbits(np.frombuffer(frame.body, np.uint8), bitorder="little")[:chunks * size]
+            y = (2.0 * bits.reshape(chunks, size) - 1.0) * scales[:, None]
+            x = fwht(y) / np.sqrt(size) * _signs(seed, y.shape)
+            return x.ravel()[:d].astype(np.float32)
+
+        return WeightUpdate(d, values)
