@@ -3,10 +3,13 @@
     deltamask-ctl --config server.yaml status         # address, CA and operator credential from the config
     deltamask-ctl --address coord:50051 --ca ca.pem --credential-file operator.credential devices
     deltamask-ctl --config server.yaml rounds | energy | watch [--interval 2] | plot --out charts/
+    deltamask-ctl --config server.yaml export --out model.onnx [--format onnx|torch] [--mask sample|mode]
 
 Commands: `status` (round, phase, devices registered and online), `devices` (name, kind, online, last seen),
-`rounds` (each round: phase, state, selected and received, accuracy, uplink and downlink bpp), `energy`
-(joules per device and phase per round, from the measurements the devices sent with their updates: an
+`rounds` (each round: phase, state, selected and received, accuracy, uplink and downlink bpp), `export`
+(the fine-tuned model as one ONNX or TorchScript file, built here from the last mask round's theta and head:
+the file `deltamask-server export` writes, away from the coordinator; needs torch and the backbone's
+weights), `energy` (joules per device and phase per round, from the measurements the devices sent with their updates: an
 INA219, INA3221 or RAPL meter on the device), `watch` (status and the last rounds, redrawn every
 --interval seconds), `plot` (PNG charts of accuracy, bits per parameter and joules per round). `--json`
 prints JSON instead of tables. The operator credential is state_dir/operator.credential, written by the
@@ -49,6 +52,18 @@ class Operator:
         return [{"name": d.name, "device_id": d.device_id, "kind": d.kind, "online": d.online,
                  "seen_s_ago": d.seen_s_ago if d.seen_s_ago >= 0 else None, "codec": d.codec,
                  "told_done": d.told_done} for d in reply.devices]
+
+    def release(self, limit: int = 4 << 30) -> bytes:
+        """The coordinator's last closed mask round as a release (server/export.py), fetched in chunks."""
+        from deltamask.transfer import Assembler
+
+        parts = None
+        for chunk in self.stub.FetchModel(pb.ModelRequest(offset=0), timeout=max(self.timeout, 600)):
+            parts = parts or Assembler(chunk.total_length, chunk.sha256, limit)
+            parts.add(chunk.offset, chunk.data)
+        if parts is None:
+            raise ValueError("the coordinator sent an empty model")
+        return parts.result()
 
     def energy(self, from_round: int = 0) -> List[Dict]:
         """Joules per device and phase per round (rows with no meter are kept, with energy_j 0 and meter "")."""
@@ -163,6 +178,12 @@ def main(argv: Optional[List[str]] = None) -> int:
     watch.add_argument("--last", type=int, default=10, help="rounds shown")
     charts = sub.add_parser("plot")
     charts.add_argument("--out", type=Path, required=True, help="folder for accuracy.png, bpp.png, energy.png")
+    model = sub.add_parser("export")
+    model.add_argument("--out", type=Path, required=True, help="the model file to write (model.onnx)")
+    model.add_argument("--format", choices=("onnx", "torch"), default="onnx")
+    model.add_argument("--mask", choices=("sample", "mode"), default="sample")
+    model.add_argument("--weights", default="default", help="the backbone's pretrained weights here (default: "
+                                                            "its offline copy)")
     args = parser.parse_args(argv)
 
     where = from_config(args.config) if args.config else {}
@@ -182,6 +203,13 @@ def main(argv: Optional[List[str]] = None) -> int:
                 if args.count and shown >= args.count:
                     return 0
                 time.sleep(args.interval)
+        if args.command == "export":
+            from server.export import unpack_release, write_model
+
+            meta = write_model(unpack_release(op.release()), args.out, args.format, args.mask, args.weights)
+            print(json.dumps({"out": str(args.out), **{k: meta[k] for k in ("round", "mask", "accuracy",
+                                                                             "theta_sha256")}}))
+            return 0
         if args.command == "plot":
             for path in plot(op, args.out):
                 print(path)

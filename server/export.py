@@ -18,8 +18,9 @@ repeated to 3 channels or colour to luma, resize to S x S bilinear, normalise pe
 mask, round, theta_sha256, head_sha256, and the accuracy the coordinator reported for that round.
 """
 import json
+import struct
 from pathlib import Path
-from typing import Dict
+from typing import Dict, Optional
 
 import numpy as np
 
@@ -34,8 +35,9 @@ FORMATS, MASKS = ("onnx", "torch"), ("sample", "mode")
 
 
 def final_state(config, facts) -> Dict:
-    """The last closed mask round of the coordinator's state: theta (thresholds), head, the mask to bake's
-    seed, the summary it reported. ValueError when no mask round has closed yet."""
+    """The last closed mask round of the coordinator's state: its theta and head as they travel (wire bytes,
+    checked against the digests in the round's row) and what a model file records of it. ValueError when no
+    mask round has closed yet."""
     from server.store import Store
 
     store = Store(config.state_dir)
@@ -49,30 +51,62 @@ def final_state(config, facts) -> Dict:
         store.close()
     if theta_digest(wire) != last["summary"].get("theta_sha256"):
         raise ValueError(f"{config.state_dir}: the stored theta of round {last['round']} does not match its digest")
-    head = decode_head(head_wire, config.num_classes, facts.feature_dim)
-    return {"round": last["round"], "seed": last["seed"], "thresholds": decode_theta(wire, facts.d),
-            "head": head, "summary": last["summary"], "theta_sha256": theta_digest(wire),
+    info = {"backbone": config.backbone, "blocks": config.blocks, "image_size": config.image_size,
+            "num_classes": config.num_classes, "feature_dim": facts.feature_dim, "d": facts.d,
+            "theta0": config.theta0, "class_names": class_names(config), "round": last["round"],
+            "seed": last["seed"], "accuracy": last["summary"].get("accuracy"), "theta_sha256": theta_digest(wire),
             "head_sha256": sha256_hex(head_wire)}
+    return {"info": info, "head_wire": head_wire, "wire": wire}
+
+
+# The release: what `deltamask-ctl export` fetches (FetchModel) to build the same file away from the coordinator.
+#   b"DMRL", u32 LE length of the JSON info, the JSON info (final_state's), u32 LE head length, the head wire,
+#   then the theta wire (deltamask/thetawire.py) to the end.
+_RELEASE = b"DMRL"
+
+
+def pack_release(state: Dict) -> bytes:
+    info = json.dumps(state["info"]).encode()
+    return b"".join((_RELEASE, struct.pack("<I", len(info)), info, struct.pack("<I", len(state["head_wire"])),
+                     state["head_wire"], state["wire"]))
+
+
+def unpack_release(blob: bytes) -> Dict:
+    """A release back into final_state's form; ValueError when it is not one or its digests do not hold."""
+    try:
+        if blob[:4] != _RELEASE:
+            raise ValueError("not a deltamask release")
+        (n,) = struct.unpack_from("<I", blob, 4)
+        info = json.loads(blob[8:8 + n])
+        (h,) = struct.unpack_from("<I", blob, 8 + n)
+        head_wire, wire = blob[12 + n:12 + n + h], blob[12 + n + h:]
+    except (struct.error, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise ValueError(f"release garbled: {exc}") from None
+    if sha256_hex(head_wire) != info.get("head_sha256") or theta_digest(wire) != info.get("theta_sha256"):
+        raise ValueError("release garbled: a digest does not match")
+    return {"info": info, "head_wire": head_wire, "wire": wire}
 
 
 def final_mask(state: Dict, mask: str) -> np.ndarray:
     if mask not in MASKS:
         raise ValueError(f"mask must be one of {', '.join(MASKS)}, got {mask!r}")
+    thresholds = decode_theta(state["wire"], state["info"]["d"])
     if mask == "sample":
-        return sample_mask(state["thresholds"], eval_seed(state["seed"]))
-    return thresholds_to_theta(state["thresholds"]) >= 0.5
+        return sample_mask(thresholds, eval_seed(state["info"]["seed"]))
+    return thresholds_to_theta(thresholds) >= 0.5
 
 
-def network(config, state: Dict, mask: str):
+def network(state: Dict, mask: str, weights: Optional[str] = "default"):
     """(the end-to-end torch module with the mask baked into its weights, its preprocessing)."""
-    import torch
     from torch import nn
 
     from deltamask.learn.learner import Model
 
-    model = Model(config.backbone, config.weights, config.blocks, config.image_size, config.num_classes,
-                  config.theta0)
-    model.set_head(state["head"])
+    i = state["info"]
+    model = Model(i["backbone"], weights, i["blocks"], i["image_size"], i["num_classes"], i["theta0"])
+    if model.d != i["d"]:
+        raise ValueError(f"{i['backbone']} here masks d = {model.d} weights, the release {i['d']}")
+    model.set_head(decode_head(state["head_wire"], i["num_classes"], i["feature_dim"]))
     masked = model.masks.bake(final_mask(state, mask))
     net = nn.Sequential(model.backbone.prefix, masked, model.head).eval()
     for p in net.parameters():
@@ -81,19 +115,25 @@ def network(config, state: Dict, mask: str):
 
 
 def export(config, facts, out: Path, fmt: str = "onnx", mask: str = "sample") -> Dict:
-    """Write the model to `out`; returns its metadata."""
+    """Write the coordinator's model to `out`; returns its metadata."""
+    return write_model(final_state(config, facts), out, fmt, mask, config.weights)
+
+
+def write_model(state: Dict, out: Path, fmt: str = "onnx", mask: str = "sample",
+                weights: Optional[str] = "default") -> Dict:
+    """The model of a final state (or an unpacked release) as one file; returns its metadata."""
     import torch
 
     if fmt not in FORMATS:
         raise ValueError(f"format must be one of {', '.join(FORMATS)}, got {fmt!r}")
-    state = final_state(config, facts)
-    net, pre = network(config, state, mask)
+    net, pre = network(state, mask, weights)
+    i = state["info"]
     if pre.kind != "image":
-        raise ValueError(f"export takes image backbones; {config.backbone} reads {pre.kind}")
-    meta = {"backbone": config.backbone, "blocks": config.blocks, "image_size": pre.size, "channels": pre.channels,
-            "mean": list(pre.mean), "std": list(pre.std), "class_names": class_names(config), "mask": mask,
-            "round": state["round"], "theta_sha256": state["theta_sha256"], "head_sha256": state["head_sha256"],
-            "accuracy": state["summary"].get("accuracy")}
+        raise ValueError(f"export takes image backbones; {i['backbone']} reads {pre.kind}")
+    meta = {"backbone": i["backbone"], "blocks": i["blocks"], "image_size": pre.size, "channels": pre.channels,
+            "mean": list(pre.mean), "std": list(pre.std), "class_names": i["class_names"], "mask": mask,
+            "round": i["round"], "theta_sha256": i["theta_sha256"], "head_sha256": i["head_sha256"],
+            "accuracy": i["accuracy"]}
     example = torch.zeros(1, pre.channels, pre.size, pre.size)
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -128,4 +168,5 @@ def class_names(config) -> list:
     return [str(i) for i in range(config.num_classes)]
 
 
-__all__ = ["FORMATS", "MASKS", "class_names", "export", "final_mask", "final_state", "network"]
+__all__ = ["FORMATS", "MASKS", "class_names", "export", "final_mask", "final_state", "network", "pack_release",
+           "unpack_release", "write_model"]

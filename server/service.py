@@ -244,6 +244,21 @@ class CoordinatorService(rpc.CoordinatorServicer):
         return pb.DevicesReply(devices=[pb.DeviceInfo(**d) for d in self.c.device_list()])
 
     @_refusals
+    async def FetchModel(self, request, context):
+        self.c.authorize_operator(bearer(context))
+        from server.export import final_state, pack_release
+
+        try:
+            blob = await self._blocking(lambda: pack_release(final_state(self.c.config, self.c.facts)))
+        except ValueError as exc:
+            raise NotOpen(str(exc)) from None
+        if request.offset > len(blob):
+            raise InvalidUpdate(f"offset {request.offset} is past the end of the model ({len(blob)} bytes)")
+        digest = sha256_hex(blob)
+        for offset, piece in split(blob, request.offset, self.chunk_bytes):
+            await context.write(pb.Chunk(total_length=len(blob), sha256=digest, offset=offset, data=piece))
+
+    @_refusals
     async def ListUpdates(self, request, context):
         self.c.authorize_operator(bearer(context))
         updates = await self._blocking(self.c.update_list, request.from_round)

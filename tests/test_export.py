@@ -91,7 +91,7 @@ def test_the_exported_model_matches_torch_and_scores_what_the_coordinator_report
     onnx_model = Predictor(str(out))
     assert onnx_model.meta == meta
     assert exported_accuracy(onnx_model, inputs, data.labels[held]) == pytest.approx(last["accuracy"], abs=1e-12)
-    net, _ = network(config, final_state(config, facts), "sample")
+    net, _ = network(final_state(config, facts), "sample", config.weights)
     with torch.no_grad():
         expected = net(torch.from_numpy(inputs[:64])).numpy()
     assert np.allclose(onnx_model.logits(inputs[:64]), expected, atol=1e-4, rtol=1e-4)

@@ -174,3 +174,23 @@ def test_ctl_without_the_operator_credential_is_refused(fleet, tmp_path):
                           str(fleet["state"] / "tls" / "ca.pem"), "--credential-file", str(wrong), "devices"],
                          cwd=ROOT, env=fleet["env"], capture_output=True, text=True, timeout=60)
     assert run.returncode == 1 and "UNAUTHENTICATED" in run.stderr and run.stdout == ""
+
+
+def test_ctl_export_builds_the_file_deltamask_server_export_writes(fleet, tmp_path):
+    onnxruntime = pytest.importorskip("onnxruntime")
+    wait_for_mask_round(fleet)
+    code, out, err = ctl(fleet, "export", "--out", str(tmp_path / "remote.onnx"))
+    assert code == 0, err
+    made = subprocess.run([sys.executable, "-m", "server.cli", "export", "--config", str(fleet["config"]), "--out",
+                           str(tmp_path / "local.onnx")], cwd=ROOT, env=fleet["env"], capture_output=True, text=True,
+                          timeout=300)
+    assert made.returncode == 0, made.stderr
+    remote, local = json.loads(out), json.loads(made.stdout)
+    assert remote.pop("out") != local.pop("out") and remote == local and remote["round"] == 1
+    meta = [onnxruntime.InferenceSession(str(tmp_path / f"{n}.onnx")).get_modelmeta().custom_metadata_map["deltamask"]
+            for n in ("remote", "local")]
+    assert meta[0] == meta[1]
+    x = np.random.default_rng(0).standard_normal((4, 1, 16, 16)).astype(np.float32)
+    logits = [onnxruntime.InferenceSession(str(tmp_path / f"{n}.onnx")).run(None, {"images": x})[0]
+              for n in ("remote", "local")]
+    assert np.array_equal(logits[0], logits[1])

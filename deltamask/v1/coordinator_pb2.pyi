@@ -319,3 +319,9 @@ class UpdatesReply(_message.Message):
     UPDATES_FIELD_NUMBER: _ClassVar[int]
     updates: _containers.RepeatedCompositeFieldContainer[UpdateInfo]
     def __init__(self, updates: _Optional[_Iterable[_Union[UpdateInfo, _Mapping]]] = ...) -> None: ...
+
+class ModelRequest(_message.Message):
+    __slots__ = ("offset",)
+    OFFSET_FIELD_NUMBER: _ClassVar[int]
+    offset: int
+    def __init__(self, offset: _Optional[int] = ...) -> None: ...

@@ -74,6 +74,11 @@ class CoordinatorStub(object):
                 request_serializer=deltamask_dot_v1_dot_coordinator__pb2.UpdatesRequest.SerializeToString,
                 response_deserializer=deltamask_dot_v1_dot_coordinator__pb2.UpdatesReply.FromString,
                 _registered_method=True)
+        self.FetchModel = channel.unary_stream(
+                '/deltamask.v1.Coordinator/FetchModel',
+                request_serializer=deltamask_dot_v1_dot_coordinator__pb2.ModelRequest.SerializeToString,
+                response_deserializer=deltamask_dot_v1_dot_coordinator__pb2.Chunk.FromString,
+                _registered_method=True)
 
 
 class CoordinatorServicer(object):
@@ -137,6 +142,14 @@ class CoordinatorServicer(object):
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def FetchModel(self, request, context):
+        """the last closed mask round's theta and head with what a model file records of them, as chunks of one
+        blob from `offset` on (the release: server/export.py); deltamask-ctl export builds the model from it
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_CoordinatorServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -179,6 +192,11 @@ def add_CoordinatorServicer_to_server(servicer, server):
                     servicer.ListUpdates,
                     request_deserializer=deltamask_dot_v1_dot_coordinator__pb2.UpdatesRequest.FromString,
                     response_serializer=deltamask_dot_v1_dot_coordinator__pb2.UpdatesReply.SerializeToString,
+            ),
+            'FetchModel': grpc.unary_stream_rpc_method_handler(
+                    servicer.FetchModel,
+                    request_deserializer=deltamask_dot_v1_dot_coordinator__pb2.ModelRequest.FromString,
+                    response_serializer=deltamask_dot_v1_dot_coordinator__pb2.Chunk.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -397,6 +415,33 @@ class Coordinator(object):
             '/deltamask.v1.Coordinator/ListUpdates',
             deltamask_dot_v1_dot_coordinator__pb2.UpdatesRequest.SerializeToString,
             deltamask_dot_v1_dot_coordinator__pb2.UpdatesReply.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def FetchModel(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_stream(
+            request,
+            target,
+            '/deltamask.v1.Coordinator/FetchModel',
+            deltamask_dot_v1_dot_coordinator__pb2.ModelRequest.SerializeToString,
+            deltamask_dot_v1_dot_coordinator__pb2.Chunk.FromString,
             options,
             channel_credentials,
             insecure,
