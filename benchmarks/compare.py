@@ -199,8 +199,8 @@ def main() -> int:
     only, seeds = args.runs, args.seeds
     if args.experiment is not None:
         experiment(args.experiment, args)
-        if only:
-            args.runs = [r for r in args.runs if r in only]
+        if only:  # in the command line's order
+            args.runs = [r for r in only if r in args.runs]
         if seeds:  # the command line's seeds for every run
             args.seeds, args.run_seeds = seeds, {}
     args.runs = args.runs or DEFAULT_RUNS
