@@ -47,3 +47,31 @@ def test_class_token_tail_trains_like_the_full_tail(name, size):
     (fast, fast_grads), (full, full_grads) = results
     assert torch.allclose(fast, full, atol=1e-5)
     assert all(b.abs().max() > 0 and torch.allclose(a, b, atol=1e-5, rtol=1e-4) for a, b in zip(fast_grads, full_grads))
+
+
+def test_two_writers_of_the_same_outputs_do_not_trip_on_each_other(tmp_path):
+    """Two simulations computing the same prefix outputs at once: each writes its own temporary file, so the
+    second rename does not find the first's temporary file gone (seen: FileNotFoundError in a compare run)."""
+    import threading
+
+    import torch
+
+    from deltamask.learn import prefix_cache
+
+    outputs = torch.arange(12.0).reshape(3, 4)
+    errors = []
+
+    def write():
+        try:
+            for _ in range(20):
+                prefix_cache.save(outputs, tmp_path, "same-key")
+        except Exception as exc:  # noqa: BLE001 - the test reports whatever a writer raised
+            errors.append(exc)
+
+    writers = [threading.Thread(target=write) for _ in range(4)]
+    for w in writers:
+        w.start()
+    for w in writers:
+        w.join()
+    assert errors == [] and torch.equal(prefix_cache.load(tmp_path, "same-key"), outputs)
+    assert [p.name for p in tmp_path.iterdir()] == ["same-key.pt"]

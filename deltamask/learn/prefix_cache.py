@@ -7,6 +7,8 @@ computes them once per dataset, not once per round.
 """
 import hashlib
 import logging
+import os
+import threading
 from pathlib import Path
 from typing import Iterable, Optional, Tuple, Union
 
@@ -42,10 +44,11 @@ def cache_key(backbone: Backbone, data: np.ndarray, extra: str = "") -> str:
 
 
 def save(outputs: Outputs, folder: Path, key: str) -> Path:
-    """Write outputs atomically as `<key>.pt` in `folder`."""
+    """Write outputs atomically as `<key>.pt` in `folder`; processes computing the same outputs at once (two
+    simulations on one cache) each write their own temporary file, and the last rename wins."""
     folder.mkdir(parents=True, exist_ok=True)
     path = folder / f"{key}.pt"
-    tmp = path.with_suffix(".tmp")
+    tmp = path.with_suffix(f".{os.getpid()}.{threading.get_ident()}.tmp")
     torch.save(outputs, tmp)
     tmp.replace(path)
     return path
