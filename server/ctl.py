@@ -25,7 +25,6 @@ from typing import Dict, List, Optional
 import grpc
 
 from deltamask.v1 import coordinator_pb2 as pb
-from deltamask.v1 import coordinator_pb2_grpc as rpc
 
 PHASE_NAMES = {pb.IDLE: "idle", pb.HEAD: "head", pb.MASK: "mask", pb.DONE: "done"}
 

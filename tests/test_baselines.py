@@ -145,7 +145,7 @@ TINY = dict(backbone="tiny", weights=None, image_size=16, dataset="digits", trai
 
 @pytest.fixture(scope="module")
 def baselines():
-    from deltamask.learn.sim import SimConfig, run
+    from deltamask.learn.sim import run
 
     compare = load_script("compare")
     common = {k: v for k, v in TINY.items() if k != "local"}
