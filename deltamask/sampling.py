@@ -100,8 +100,13 @@ def sample_seed(round_seed: int, client_id: str) -> int:
     return client_seed(round_seed, client_id)
 
 
+DIGEST_CHUNK = 1 << 20  # positions a digest leaf covers (a multiple of 8): shards aligned to it hash apart
+
+
 class MaskDigest:
-    """SHA-256 over d (u64 LE) and the mask packed 8 positions a byte, least significant bit first.
+    """SHA-256 over d (u64 LE) and the SHA-256 of each DIGEST_CHUNK positions of the mask, packed 8 positions
+    a byte, least significant bit first (a two-level hash: a shard of aligned chunks hashes its own leaves,
+    `chunk_digests`, and whoever holds all leaves combines them, `combine_digests`).
 
     Feed it the mask whole or in consecutive pieces whose lengths are multiples of 8 (the last piece
     excepted); the digest is the same either way.
@@ -109,21 +114,50 @@ class MaskDigest:
 
     def __init__(self, d: int) -> None:
         self.d, self._seen = int(d), 0
-        self._hash = hashlib.sha256(b"deltamask/mask/v1" + self.d.to_bytes(8, "little"))
+        self._leaves: list = []
+        self._leaf = hashlib.sha256()
 
     def update(self, mask: np.ndarray) -> "MaskDigest":
         if self._seen % 8:
             raise ValueError("only the last piece of a mask may have a length that is not a multiple of 8")
-        self._seen += len(mask)
-        if self._seen > self.d:
+        if self._seen + len(mask) > self.d:
             raise ValueError(f"mask pieces add up to more than d = {self.d} positions")
-        self._hash.update(np.packbits(np.asarray(mask, dtype=bool), bitorder="little").tobytes())
+        mask = np.asarray(mask, dtype=bool)
+        while len(mask):
+            take = min(len(mask), DIGEST_CHUNK - self._seen % DIGEST_CHUNK)
+            self._leaf.update(np.packbits(mask[:take], bitorder="little").tobytes())
+            self._seen += take
+            mask = mask[take:]
+            if self._seen % DIGEST_CHUNK == 0:
+                self._leaves.append(self._leaf.digest())
+                self._leaf = hashlib.sha256()
         return self
 
     def hexdigest(self) -> str:
         if self._seen != self.d:
             raise ValueError(f"digest of {self._seen} positions, expected d = {self.d}")
-        return self._hash.hexdigest()
+        leaves = self._leaves + ([self._leaf.digest()] if self._seen % DIGEST_CHUNK else [])
+        return combine_digests(self.d, leaves)
+
+
+def chunk_digests(mask: np.ndarray, start: int) -> list:
+    """The leaf digests (bytes) of the chunks a mask slice starting at `start` covers; `start` must be a
+    multiple of DIGEST_CHUNK and the slice end at a chunk boundary or at d."""
+    if start % DIGEST_CHUNK:
+        raise ValueError(f"a shard's digests start at a multiple of {DIGEST_CHUNK}, got {start}")
+    mask = np.asarray(mask, dtype=bool)
+    return [hashlib.sha256(np.packbits(mask[lo:lo + DIGEST_CHUNK], bitorder="little").tobytes()).digest()
+            for lo in range(0, len(mask), DIGEST_CHUNK)]
+
+
+def combine_digests(d: int, leaves) -> str:
+    """The mask digest from its leaf digests in order (ceil(d / DIGEST_CHUNK) of them)."""
+    if len(leaves) != -(-int(d) // DIGEST_CHUNK):
+        raise ValueError(f"{len(leaves)} leaf digests for d = {d}, expected {-(-int(d) // DIGEST_CHUNK)}")
+    outer = hashlib.sha256(b"deltamask/mask/v2" + int(d).to_bytes(8, "little"))
+    for leaf in leaves:
+        outer.update(leaf)
+    return outer.hexdigest()
 
 
 def mask_digest(mask: np.ndarray) -> str:

@@ -5,7 +5,8 @@ from hypothesis import strategies as st
 from pyfusefilter._xorfilter import ffi, lib
 
 from deltamask import sampling
-from deltamask.sampling import (ONE, PER_CLIENT, SHARED, MaskDigest, client_seed, mask_digest, reference_seed,
+from deltamask.sampling import (DIGEST_CHUNK, ONE, PER_CLIENT, SHARED, MaskDigest, chunk_digests, client_seed,
+                                combine_digests, mask_digest, reference_seed,
                                 sample_mask, sample_seed, theta_to_thresholds, thresholds_to_theta, uniforms)
 
 # Golden vectors: another implementation (C on a board, Rust) must reproduce these exactly.
@@ -14,7 +15,8 @@ GOLDEN_SEED_X_AT_1M = [4300094, 14477955, 1309062, 7480368, 933303, 10362573, 97
 SEED_X = 0x0123456789ABCDEF
 GOLDEN_CLIENT_SEED = 0xDF6C32652F93DC65  # client_seed(7, "rpi4-kitchen")
 GOLDEN_MASK_HEX = "008081802b9ffef7"  # sample_mask(thresholds of linspace(0, 1, 64), seed 2026), packed LSB first
-GOLDEN_MASK_DIGEST = "7b2ba453e79f17675ba89dd6c963a24147dd792d535b8d4b3e7e68e054db9f44"
+# SHA-256(b"deltamask/mask/v2" | d u64 LE | SHA-256(packed chunk) for each 2**20-position chunk)
+GOLDEN_MASK_DIGEST = "b1284497a0aaf06f0151871abe5fae5610b2af4b996104e7828349d9388fe4e5"
 
 
 def test_uniforms_match_golden_vectors():
@@ -108,3 +110,25 @@ def test_digest_refuses_misaligned_or_incomplete_pieces():
         digest.update(np.ones(5, bool))
     with pytest.raises(ValueError, match="expected d"):
         MaskDigest(16).update(np.ones(8, bool)).hexdigest()
+
+
+def test_digest_of_several_chunks_is_the_two_level_hash_and_shards_combine():
+    import hashlib
+
+    d = 2 * DIGEST_CHUNK + 1000  # two whole leaves and a short one
+    mask = sample_mask(theta_to_thresholds(np.full(d, 0.3)), 99)
+    packed = np.packbits(mask, bitorder="little").tobytes()
+    step = DIGEST_CHUNK // 8
+    leaves = [hashlib.sha256(packed[lo:lo + step]).digest() for lo in range(0, len(packed), step)]
+    expected = hashlib.sha256(b"deltamask/mask/v2" + d.to_bytes(8, "little") + b"".join(leaves)).hexdigest()
+    assert mask_digest(mask) == expected
+    pieces = MaskDigest(d)
+    for lo in range(0, d, 3 * 8 * 1000 + 8):  # pieces that straddle the leaf boundaries
+        pieces.update(mask[lo:lo + 3 * 8 * 1000 + 8])
+    assert pieces.hexdigest() == expected
+    shards = chunk_digests(mask[:DIGEST_CHUNK], 0) + chunk_digests(mask[DIGEST_CHUNK:], DIGEST_CHUNK)
+    assert combine_digests(d, shards) == expected
+    with pytest.raises(ValueError, match="multiple of"):
+        chunk_digests(mask[5:], 5)
+    with pytest.raises(ValueError, match="leaf digests"):
+        combine_digests(d, shards[:2])
