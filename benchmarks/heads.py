@@ -39,10 +39,8 @@ def measure(fed: Federation, base: SimConfig, variant: dict) -> dict:
         if plan.phase != HEAD:
             break
         task = device_task(policy, plan)
-        shares = {}
-        for name in plan.selected:
-            reply = fed.learners[name].work(task, name, agg.head)
-            shares[name] = (agg.decode_share(reply.payload), reply.examples)
+        shares = {name: (agg.decode_share(reply.payload), reply.examples)
+                  for name, (reply, _) in fed.fleet.work(task, plan.selected, agg.head).items()}
         agg.close_head(shares, plan.seed)
         bits += head_bits(policy, agg.num_classes, agg.feature_dim)
         index += 1

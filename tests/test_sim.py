@@ -81,7 +81,7 @@ def test_cli_prints_json_lines_and_a_clear_error():
     bad = subprocess.run([sys.executable, "-m", "deltamask.learn.sim", *args, "--dataset", "cifar10", "--data-root",
                           str(ROOT / "no-such-folder")], capture_output=True, text=True, cwd=ROOT)
     assert bad.returncode == 2 and "error:" in bad.stderr and "Traceback" not in bad.stderr
-    assert parse_args(["--weights", "none"]).weights is None
+    assert parse_args(["--weights", "none"])[0].weights is None
 
 
 @pytest.mark.parametrize("plain", ["exact", "bfuse8"])

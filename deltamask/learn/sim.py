@@ -17,7 +17,7 @@ import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Dict, Iterator, List, Optional
+from typing import Dict, Iterator, List, Optional, Tuple
 
 import numpy as np
 
@@ -31,8 +31,7 @@ from deltamask.federation import (HEAD, THRESHOLD, Aggregator, LocalTraining, Po
                                   plan_round)
 from deltamask.headwire import encode_head
 from deltamask.learn.masking import IDENTITY
-from deltamask.rounds import rebuild_client_mask
-from deltamask.sampling import reference_mask
+from deltamask.shards import RoundContext, Serial, aggregate
 from deltamask.thetawire import decode_theta
 
 log = logging.getLogger(__name__)
@@ -66,29 +65,137 @@ def client_name(k: int) -> str:
     return f"client-{k:03d}"
 
 
+def build(c: SimConfig, held_out: bool = True, devices: bool = True):
+    """The simulated fleet's parts: the model, every device's learner over its Dirichlet share (prefix outputs
+    computed, or read from `cache_dir`), the held-out evaluator, the number of classes."""
+    from deltamask.data import device_share, load_dataset, seeded_subset
+    from deltamask.learn.learner import Evaluator, LocalLearner, Model
+
+    train, test = load_dataset(c.dataset, "train", c.data_root), load_dataset(c.dataset, "test", c.data_root)
+    num_classes = int(max(train.labels.max(), test.labels.max())) + 1
+    model = Model(c.backbone, c.weights, c.blocks, c.image_size, num_classes, c.theta0, c.estimator)
+    cache = Path(c.cache_dir).expanduser() if c.cache_dir else None
+    learners = {}
+    for k, name in enumerate(c.names() if devices else []):
+        share = device_share(train.labels, c.train_samples, c.clients, k, c.alpha, c.min_per_client, c.seed)
+        inputs = model.prefix(train.images[share], cache=cache, runtime=c.prefix_runtime)
+        learners[name] = LocalLearner(model, inputs, train.labels[share])
+    evaluate = None
+    if held_out:
+        held = seeded_subset(len(test.labels), c.test_samples, c.seed + 1)
+        evaluate = Evaluator(model, model.prefix(test.images[held], cache=cache, runtime=c.prefix_runtime),
+                             test.labels[held])
+    return model, learners, evaluate, num_classes
+
+
+class InProcess:
+    """The selected devices' local work, one after another in this process."""
+
+    def __init__(self, learners: Dict) -> None:
+        self.learners = learners
+
+    def work(self, task, names, head, thresholds=None, offset=None, progress=None) -> Dict[str, Tuple[object, float]]:
+        """{name: (reply, seconds of its work)} for the devices `names`."""
+        out = {}
+        for name in names:
+            out[name] = _timed_work(self.learners[name], task, name, head, thresholds, offset)
+            if progress is not None:
+                progress()
+        return out
+
+
+def _timed_work(learner, task, name, head, thresholds, offset):
+    started = time.perf_counter()
+    reply = learner.work(task, name, head, thresholds, offset=offset)
+    return reply, time.perf_counter() - started
+
+
+class _FleetActor:
+    """A Ray actor holding every simulated device's learner (data and prefix outputs: read from the prefix
+    cache, or computed once per actor) on one CPU; it works for whichever device it is asked."""
+
+    def __init__(self, config: SimConfig) -> None:
+        import torch
+
+        torch.set_num_threads(1)
+        _, self.learners, _, _ = build(config, held_out=False)
+
+    def work(self, task, name, head, thresholds, offset):
+        return _timed_work(self.learners[name], task, name, head, thresholds, offset)
+
+    def count(self, ctx, shard):
+        from deltamask.shards import count_shard
+
+        return count_shard(ctx, shard)
+
+
+class _ActorShards:
+    """The round's decode and aggregation shards (`deltamask.shards`) on the fleet's own actors: they hold the
+    CPUs, so shard tasks of their own would wait for CPUs that never free up."""
+
+    def __init__(self, ray, actors) -> None:
+        self.ray, self.actors, self.workers = ray, actors, len(actors)
+
+    def map(self, ctx, shards):
+        ref = self.ray.put(ctx)
+        return self.ray.get([self.actors[i % self.workers].count.remote(ref, s) for i, s in enumerate(shards)])
+
+    def close(self) -> None:
+        pass
+
+
+class RayFleet:
+    """The selected devices trained in parallel on Ray: `workers` actors of one CPU each (on the cluster at
+    `address`, or a local Ray), device i of a round on actor i mod workers. Every device's work depends only
+    on the round's task, the head, theta and its own seeds, so the replies are those of the sequential
+    simulator run with one torch thread, byte for byte (tests/test_parallel_sim.py); the uploads are then
+    decoded and summed as shards (`deltamask.shards`) on the same actors."""
+
+    def __init__(self, config: SimConfig, workers: int, address: Optional[str] = None) -> None:
+        if workers < 1:
+            raise ValueError(f"Ray workers must be at least 1, got {workers}")
+        try:
+            import ray
+        except ImportError:
+            raise RuntimeError("the Ray simulator needs Ray: pip install 'deltamask[ray]'") from None
+        self.ray, self._started = ray, not ray.is_initialized()
+        if self._started:
+            kwargs = {"address": address} if address else {"num_cpus": workers}
+            ray.init(include_dashboard=False, log_to_driver=False, logging_level="ERROR", **kwargs)
+        actor = ray.remote(num_cpus=1)(_FleetActor)
+        self.actors = [actor.remote(config) for _ in range(workers)]
+        self.shards = _ActorShards(ray, self.actors)
+
+    def work(self, task, names, head, thresholds=None, offset=None, progress=None) -> Dict[str, Tuple[object, float]]:
+        head_ref, theta_ref = self.ray.put(head), self.ray.put(thresholds)
+        offset_ref = self.ray.put(offset)
+        refs = {name: self.actors[i % len(self.actors)].work.remote(task, name, head_ref, theta_ref, offset_ref)
+                for i, name in enumerate(names)}
+        out = {}
+        for name, ref in refs.items():
+            out[name] = self.ray.get(ref)
+            if progress is not None:
+                progress()
+        return out
+
+    def close(self) -> None:
+        for a in self.actors:
+            self.ray.kill(a)
+        if self._started:  # a Ray this fleet started; a cluster or a Ray started by the caller stays up
+            self.ray.shutdown()
+
+
 class Federation:
     """The simulated fleet: one model, every device's learner, the aggregator and a held-out evaluator."""
 
-    def __init__(self, config: SimConfig) -> None:
-        from deltamask.data import device_share, load_dataset, seeded_subset
-        from deltamask.learn.learner import Evaluator, LocalLearner, Model
-
+    def __init__(self, config: SimConfig, fleet: Optional["RayFleet"] = None) -> None:
         self.config = c = config
         c.check()
-        train, test = load_dataset(c.dataset, "train", c.data_root), load_dataset(c.dataset, "test", c.data_root)
-        held = seeded_subset(len(test.labels), c.test_samples, c.seed + 1)
-        num_classes = int(max(train.labels.max(), test.labels.max())) + 1
-        self.model = Model(c.backbone, c.weights, c.blocks, c.image_size, num_classes, c.theta0, c.estimator)
         started = time.perf_counter()
-        cache = Path(c.cache_dir).expanduser() if c.cache_dir else None
-        self.learners = {}
-        for k, name in enumerate(c.names()):
-            share = device_share(train.labels, c.train_samples, c.clients, k, c.alpha, c.min_per_client, c.seed)
-            inputs = self.model.prefix(train.images[share], cache=cache, runtime=c.prefix_runtime)
-            self.learners[name] = LocalLearner(self.model, inputs, train.labels[share])
-        held_inputs = self.model.prefix(test.images[held], cache=cache, runtime=c.prefix_runtime)
-        self.evaluate = Evaluator(self.model, held_inputs, test.labels[held])
+        self.model, learners, self.evaluate, num_classes = build(c, devices=fleet is None)
         self.prefix_s = time.perf_counter() - started
+        self.fleet = fleet or InProcess(learners)  # who trains the selected devices: here, or Ray actors
+        self.shards = fleet.shards if fleet is not None else Serial()  # who decodes and sums their uploads
         self.d = self.model.d
         self.agg = Aggregator(c, self.d, num_classes, self.model.feature_dim)
         self.heads_done = self.masks_done = 0
@@ -119,8 +226,7 @@ class Federation:
         head = self.agg.head
         downlink = 8 * len(encode_head(*head)) / self.d if head is not None else 0.0  # a linear probe's start
         shares = {}
-        for name in plan.selected:
-            reply = self.learners[name].work(task, name, head)
+        for name, (reply, _) in self.fleet.work(task, plan.selected, head).items():
             shares[name] = (self.agg.decode_share(reply.payload), reply.examples)
         self.agg.close_head(shares, plan.seed)
         self.heads_done += 1
@@ -135,28 +241,28 @@ class Federation:
         wire = self.wire
         thresholds = decode_theta(wire, d)  # what every device receives
         self.agg.open_mask(plan)
-        rows, times = [], {"train_s": 0.0, "encode_s": 0.0, "decode_s": 0.0}
+        times = {"train_s": 0.0, "encode_s": 0.0, "decode_s": 0.0}
         carries_mask = get_codec(c.codec).carries == CARRIES_MASK
-        for name in plan.selected:
-            started = time.perf_counter()
-            reply = self.learners[name].work(task, name, self.agg.head, thresholds)
-            trained = time.perf_counter()
-            update = decode_payload(reply.payload, d, thresholds)
-            packed, digest = rebuild_client_mask(update, thresholds, plan.seed, name, c.reference)
-            times["decode_s"] += time.perf_counter() - trained
-            times["train_s"] += trained - started - reply.encode_s
+        replies = self.fleet.work(task, plan.selected, self.agg.head, thresholds, progress=progress)
+        for reply, seconds in replies.values():
+            times["train_s"] += seconds - reply.encode_s
             times["encode_s"] += reply.encode_s
-            if digest != reply.reference_digest:
-                raise RuntimeError(f"{name}: reference digest mismatch")
-            self.agg.counts.add_packed(packed)
-            rebuilt = np.unpackbits(packed, bitorder="little")[:d].astype(bool)
-            reference = reference_mask(thresholds, plan.seed, name, c.reference)
-            applied = int(np.count_nonzero(rebuilt != reference))
+        started = time.perf_counter()
+        summed = aggregate(RoundContext(thresholds, plan.seed, c.reference),
+                           [(name, reply.payload) for name, (reply, _) in replies.items()], self.shards,
+                           expected={name: reply.reference_digest for name, (reply, _) in replies.items()})
+        if summed.errors:
+            raise RuntimeError(f"uploads refused: {summed.errors}")
+        self.agg.counts.add_slice(summed.ones, 0)
+        self.agg.counts.count_masks(len(summed.accepted))
+        times["decode_s"] = time.perf_counter() - started
+        rows = []
+        for name, (reply, _) in replies.items():
+            applied = summed.applied[name]
             rows.append({"bits": 8 * len(reply.payload), "delta": reply.delta, "kept": reply.kept,
                          "applied": applied, "false": 0 if carries_mask else applied - reply.kept,
-                         **(ideal_mask_bits(rebuilt, thresholds) if carries_mask else {})})
-            if progress is not None:
-                progress()
+                         **(ideal_mask_bits(decode_payload(reply.payload, d).client_mask(np.zeros(d, bool)),
+                                            thresholds) if carries_mask else {})})
         thresholds = self.agg.close_mask()
         self.wire = self.agg.theta_wire()
         self.masks_done += 1
@@ -187,17 +293,14 @@ class Federation:
         task = device_task(c, plan)
         offset = self.agg.offset.copy()
         updates, bits, times = {}, [], {"train_s": 0.0, "encode_s": 0.0, "decode_s": 0.0}
-        for name in plan.selected:
+        for name, (reply, seconds) in self.fleet.work(task, plan.selected, self.agg.head, offset=offset,
+                                                      progress=progress).items():
             started = time.perf_counter()
-            reply = self.learners[name].work(task, name, self.agg.head, progress=None, offset=offset)
-            trained = time.perf_counter()
             updates[name] = (decode_payload(reply.payload, d).values, reply.examples)
-            times["decode_s"] += time.perf_counter() - trained
-            times["train_s"] += trained - started - reply.encode_s
+            times["decode_s"] += time.perf_counter() - started
+            times["train_s"] += seconds - reply.encode_s
             times["encode_s"] += reply.encode_s
             bits.append(8 * len(reply.payload))
-            if progress is not None:
-                progress()
         offset = self.agg.close_weights(updates)
         self.masks_done += 1
         started = time.perf_counter()
@@ -221,9 +324,10 @@ def ideal_mask_bits(mask: np.ndarray, thresholds: np.ndarray) -> Dict[str, float
     return {"entropy_bits": entropy, "cross_entropy_bits": cross}
 
 
-def run(config: SimConfig, progress: bool = True) -> Iterator[Dict]:
-    """Yield one dict a round: the head phase, then `config.rounds` mask rounds."""
-    fed = Federation(config)
+def run(config: SimConfig, progress: bool = True, fleet=None) -> Iterator[Dict]:
+    """Yield one dict a round: the head phase, then `config.rounds` mask rounds. `fleet`: who trains the selected
+    devices (a RayFleet; in this process by default)."""
+    fed = Federation(config, fleet)
     log.info("d = %d masked parameters; prefix outputs computed once in %.1f s", fed.d, fed.prefix_s)
     from deltamask.federation import clients_per_round
 
@@ -257,8 +361,14 @@ def _progress(total: int, enabled: bool):
 LOCAL_FLAGS = {f.name: f.name for f in dataclasses.fields(LocalTraining)}  # --epochs, --lr, ... set `local`
 
 
-def parse_args(argv: Optional[List[str]] = None) -> SimConfig:
+def parse_args(argv: Optional[List[str]] = None) -> Tuple[SimConfig, argparse.Namespace]:
+    """The federation's configuration, and how to run it (--ray-workers, --ray-address: not part of the
+    configuration, since they do not change a result)."""
     parser = argparse.ArgumentParser(prog="deltamask-sim", description=__doc__.split("\n")[0])
+    parser.add_argument("--ray-workers", type=int, default=0,
+                        help="train the selected devices on this many Ray actors (one CPU each; needs deltamask[ray]); "
+                             "0: one after another in this process")
+    parser.add_argument("--ray-address", default=None, help="a Ray cluster to use (e.g. auto); default: a local Ray")
     defaults = SimConfig()
     fields = [f for f in dataclasses.fields(SimConfig) if f.name != "local"] + list(dataclasses.fields(LocalTraining))
     for f in fields:
@@ -268,25 +378,37 @@ def parse_args(argv: Optional[List[str]] = None) -> SimConfig:
     args = vars(parser.parse_args(argv))
     if args["weights"] in ("none", "None", ""):
         args["weights"] = None
+    how = argparse.Namespace(ray_workers=args.pop("ray_workers"), ray_address=args.pop("ray_address"))
+    if how.ray_workers < 0:
+        raise ValueError(f"--ray-workers must be 0 or more, got {how.ray_workers}")
     local = LocalTraining(**{k: args.pop(k) for k in LOCAL_FLAGS})
-    return SimConfig(**args, local=local)
+    return SimConfig(**args, local=local), how
 
 
 def main(argv: Optional[List[str]] = None) -> int:
     logging.basicConfig(level=logging.INFO, stream=sys.stderr, format="%(asctime)s %(levelname)s %(message)s")
     try:
-        config = parse_args(argv)
+        config, how = parse_args(argv)
         config.check()
     except ValueError as exc:
         print(f"deltamask-sim: error: {exc}", file=sys.stderr)
         return 2
     print(json.dumps({"config": dataclasses.asdict(config)}), flush=True)
+    fleet = None
     try:
-        for row in run(config):
+        if how.ray_workers:
+            try:
+                fleet = RayFleet(config, how.ray_workers, how.ray_address)
+            except RuntimeError as exc:  # Ray not installed
+                raise DeltaMaskError(str(exc)) from None
+        for row in run(config, fleet=fleet):
             print(json.dumps(row), flush=True)
-    except DeltaMaskError as exc:  # a missing dataset or weight file, an empty client: say what, no traceback
+    except DeltaMaskError as exc:  # a missing dataset or weight file, an empty client, no Ray
         print(f"deltamask-sim: error: {exc}", file=sys.stderr)
         return 2
+    finally:
+        if fleet is not None:
+            fleet.close()
     return 0
 
 
