@@ -23,7 +23,7 @@ CORE_VENV ?= .venv-core
 CORE_TESTS := tests/test_layering.py tests/test_federation.py tests/test_coordinator.py tests/test_sampling.py \
 	tests/test_thetawire.py tests/test_delta.py tests/test_rounds.py tests/test_aggregation.py tests/codecs
 
-.PHONY: test test-edge test-core install data demo bench-codecs bench-thetawire bench-prefix bench-round proto clean
+.PHONY: test test-edge test-core test-flower flower-example install data demo bench-codecs bench-thetawire bench-prefix bench-round proto clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -71,10 +71,33 @@ test-core: $(CORE_VENV)/.installed
 	@! $(CORE_VENV)/bin/python -c "import torch" 2>/dev/null || { echo "$(CORE_VENV) must not have torch"; exit 1; }
 	$(CORE_VENV)/bin/python -m pytest -q -p no:cacheprovider $(CORE_TESTS)
 
+# Flower's environment: flwr[simulation] 1.42 wants protobuf < 7 (its grpcio-health-checking 1.81 too), where the
+# main environment takes the newest protobuf (7.x); so Flower gets its own: protobuf 6.x, and Ray 2.55.1, the
+# version the main environment's `ray` extra pins too (docs/design.md section 6.5).
+FLOWER_VENV ?= .venv-flower
+FLOWER_SPEC := "flwr[simulation]==1.42.0"
+FLOWER_TESTS := tests/test_flower.py tests/test_proto.py tests/test_sampling.py tests/test_shards.py
+
+$(FLOWER_VENV)/.installed: pyproject.toml Makefile
+	$(PYTHON) -m venv $(FLOWER_VENV)
+	$(FLOWER_VENV)/bin/python -m pip install --quiet --upgrade pip
+	$(FLOWER_VENV)/bin/python -m pip install --quiet $(TORCH_SPEC)
+	$(FLOWER_VENV)/bin/python -m pip install --quiet -e ".[train,test]" $(FLOWER_SPEC)
+	touch $@
+
+test-flower: $(FLOWER_VENV)/.installed data
+	$(FLOWER_VENV)/bin/python -c "import flwr, google.protobuf as p, ray; print('flower environment: flwr', flwr.__version__, 'protobuf', p.__version__, 'ray', ray.__version__)"
+	HF_HUB_OFFLINE=1 $(FLOWER_VENV)/bin/python -m pytest -q -p no:cacheprovider $(FLOWER_TESTS)
+
+# the Flower example (examples/flower): DeltaMask on Flower's simulation engine
+flower-example: $(FLOWER_VENV)/.installed data
+	cd examples/flower && HF_HUB_OFFLINE=1 ../../$(FLOWER_VENV)/bin/python run.py
+
 test: install data
 	HF_HUB_OFFLINE=1 $(BIN)/python -m pytest -q
 	$(MAKE) test-core
 	$(MAKE) test-edge
+	$(MAKE) test-flower
 
 # a coordinator and 3 edge agents on localhost: MobileNetV2 + Fashion-MNIST, a few rounds
 demo: install data
@@ -97,4 +120,4 @@ bench-prefix: install
 	HF_HUB_OFFLINE=1 $(BIN)/python benchmarks/prefix_cache.py
 
 clean:
-	rm -rf $(VENV) $(EDGE_VENV) $(CORE_VENV) build *.egg-info .pytest_cache .hypothesis
+	rm -rf $(VENV) $(EDGE_VENV) $(CORE_VENV) $(FLOWER_VENV) build *.egg-info .pytest_cache .hypothesis

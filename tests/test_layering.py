@@ -1,5 +1,5 @@
-"""The core imports without torch: everything under deltamask/ but deltamask/learn/, and the coordinator's
-round machinery. `make test` also runs this file in an environment with no torch at all (.venv-core)."""
+"""The core imports without torch: everything under deltamask/ but deltamask/learn/ and deltamask/flower.py
+(Flower's adapter: it needs flwr and the torch learner), and the coordinator's round machinery. `make test` also runs this file in an environment with no torch at all (.venv-core)."""
 import importlib.util
 import subprocess
 import sys
@@ -15,7 +15,7 @@ names, todo = [], [deltamask]
 while todo:  # every module and subpackage, without importing deltamask.learn (walk_packages would)
     package = todo.pop()
     for m in pkgutil.iter_modules(package.__path__, package.__name__ + "."):
-        if m.name != "deltamask.learn":
+        if m.name not in ("deltamask.learn", "deltamask.flower"):
             names.append(m.name)
             module = importlib.import_module(m.name)
             if m.ispkg:

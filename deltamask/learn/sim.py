@@ -26,7 +26,7 @@ from deltamask.codecs import WEIGHTS
 from deltamask.codecs import decode as decode_payload
 from deltamask.codecs import get_codec
 from deltamask.codecs.conditional import undecided
-from deltamask.errors import DeltaMaskError
+from deltamask.errors import DataError, DeltaMaskError
 from deltamask.federation import (HEAD, THRESHOLD, Aggregator, LocalTraining, Policy, device_task, head_bits,
                                   plan_round)
 from deltamask.headwire import encode_head
@@ -65,9 +65,10 @@ def client_name(k: int) -> str:
     return f"client-{k:03d}"
 
 
-def build(c: SimConfig, held_out: bool = True, devices: bool = True):
+def build(c: SimConfig, held_out: bool = True, devices=True):
     """The simulated fleet's parts: the model, every device's learner over its Dirichlet share (prefix outputs
-    computed, or read from `cache_dir`), the held-out evaluator, the number of classes."""
+    computed, or read from `cache_dir`; `devices`: True for all, False for none, or the names of some), the
+    held-out evaluator, the number of classes."""
     from deltamask.data import device_share, load_dataset, seeded_subset
     from deltamask.learn.learner import Evaluator, LocalLearner, Model
 
@@ -76,7 +77,13 @@ def build(c: SimConfig, held_out: bool = True, devices: bool = True):
     model = Model(c.backbone, c.weights, c.blocks, c.image_size, num_classes, c.theta0, c.estimator)
     cache = Path(c.cache_dir).expanduser() if c.cache_dir else None
     learners = {}
-    for k, name in enumerate(c.names() if devices else []):
+    wanted = set(c.names()) if devices is True else set(devices or ())
+    if wanted - set(c.names()):
+        raise DataError(f"no such simulated device: {', '.join(sorted(wanted - set(c.names())))} "
+                        f"(the federation has {c.clients})")
+    for k, name in enumerate(c.names()):
+        if name not in wanted:
+            continue
         share = device_share(train.labels, c.train_samples, c.clients, k, c.alpha, c.min_per_client, c.seed)
         inputs = model.prefix(train.images[share], cache=cache, runtime=c.prefix_runtime)
         learners[name] = LocalLearner(model, inputs, train.labels[share])
@@ -185,65 +192,101 @@ class RayFleet:
             self.ray.shutdown()
 
 
-class Federation:
-    """The simulated fleet: one model, every device's learner, the aggregator and a held-out evaluator."""
+@dataclass(frozen=True)
+class Work:
+    """What the selected devices of a round receive: the task, the head, and theta (mask rounds, as decoded
+    from its wire message) or the global weights' offset (the fine-tuning baselines)."""
 
-    def __init__(self, config: SimConfig, fleet: Optional["RayFleet"] = None) -> None:
+    task: object  # deltamask.federation.DeviceTask
+    head: Optional[tuple]
+    thresholds: Optional[np.ndarray] = None
+    offset: Optional[np.ndarray] = None
+    theta_wire: Optional[bytes] = None  # theta as it travels (what `thresholds` was decoded from)
+
+
+class Federation:
+    """The simulated federation: the model, the aggregator and a held-out evaluator, and a fleet that trains
+    the selected devices. A round is planned (`plan`), sent (`open`: the Work) and combined (`close`: the
+    replies -> the round's summary); `rounds` drives them with the fleet, a Flower strategy
+    (`deltamask.flower`) with Flower's messages."""
+
+    def __init__(self, config: SimConfig, fleet=None, shards=None, devices: bool = True) -> None:
+        """`fleet`: who trains (in this process by default; a RayFleet); `shards`: who decodes and sums the
+        uploads (the fleet's, else serial); devices=False builds no learners (a server whose devices are
+        elsewhere)."""
         self.config = c = config
         c.check()
         started = time.perf_counter()
-        self.model, learners, self.evaluate, num_classes = build(c, devices=fleet is None)
+        self.model, learners, self.evaluate, num_classes = build(c, devices=devices and fleet is None)
         self.prefix_s = time.perf_counter() - started
         self.fleet = fleet or InProcess(learners)  # who trains the selected devices: here, or Ray actors
-        self.shards = fleet.shards if fleet is not None else Serial()  # who decodes and sums their uploads
+        self.shards = shards or getattr(fleet, "shards", None) or Serial()  # who decodes and sums their uploads
         self.d = self.model.d
         self.agg = Aggregator(c, self.d, num_classes, self.model.feature_dim)
         self.heads_done = self.masks_done = 0
         self.wire = self.agg.theta_wire()  # the global theta as it travels, encoded once a round
 
+    def start(self) -> Optional[Dict]:
+        """A seeded Kaiming head is scored before the first round (None for the other heads)."""
+        c = self.config
+        if c.head_phase_rounds:
+            return None
+        return {"round": -1, "phase": HEAD, "head": c.head, "clients": 0, "uplink_bpp": 0.0,
+                **self.evaluate(self.agg.head)}
+
+    def plan(self, index: int, eligible: Optional[List[str]] = None):
+        """Round `index`'s plan over `eligible` device names (every simulated device by default); None when
+        the federation is over."""
+        return plan_round(self.config, index, self.heads_done, self.masks_done,
+                          self.config.names() if eligible is None else eligible)
+
     def rounds(self, progress=None) -> Iterator[Dict]:
         """Every round the policy plans, one summary each; a seeded Kaiming head is scored first."""
-        c = self.config
-        if c.head_phase_rounds == 0:
-            yield {"round": -1, "phase": HEAD, "head": c.head, "clients": 0, "uplink_bpp": 0.0,
-                   **self.evaluate(self.agg.head)}
+        first = self.start()
+        if first is not None:
+            yield first
         index = 0
-        while True:
-            plan = plan_round(c, index, self.heads_done, self.masks_done, c.names())
-            if plan is None:
-                return
-            if plan.phase == HEAD:
-                yield self.head_round(plan)
-            elif get_codec(c.codec).carries == WEIGHTS:
-                yield self.weight_round(plan, progress)
-            else:
-                yield self.mask_round(plan, progress)
+        while (plan := self.plan(index)) is not None:
+            work = self.open(plan)
+            started = time.perf_counter()
+            replies = self.fleet.work(work.task, plan.selected, work.head, work.thresholds, work.offset,
+                                      progress=None if plan.phase == HEAD else progress)
+            yield self.close(plan, work, replies, time.perf_counter() - started)
             index += 1
 
-    def head_round(self, plan) -> Dict:
+    def open(self, plan) -> Work:
+        c = self.config
+        if plan.phase == HEAD:
+            return Work(device_task(c, plan), self.agg.head)
+        if get_codec(c.codec).carries == WEIGHTS:
+            return Work(device_task(c, plan), self.agg.head, offset=self.agg.offset.copy())
+        self.agg.open_mask(plan)
+        return Work(device_task(c, plan), self.agg.head, decode_theta(self.wire, self.d), theta_wire=self.wire)
+
+    def close(self, plan, work: Work, replies: Dict[str, Tuple[object, float]], seconds: float = 0.0) -> Dict:
+        """Combine {name: (reply, seconds of its work)} (`seconds`: the whole round's wait for them)."""
+        if plan.phase == HEAD:
+            return self._close_head(plan, work, replies, seconds)
+        if work.offset is not None:
+            return self._close_weights(plan, replies)
+        return self._close_mask(plan, work, replies)
+
+    def _close_head(self, plan, work: Work, replies, seconds: float) -> Dict:
         c, started = self.config, time.perf_counter()
-        task = device_task(c, plan)
-        head = self.agg.head
-        downlink = 8 * len(encode_head(*head)) / self.d if head is not None else 0.0  # a linear probe's start
-        shares = {}
-        for name, (reply, _) in self.fleet.work(task, plan.selected, head).items():
-            shares[name] = (self.agg.decode_share(reply.payload), reply.examples)
+        downlink = 8 * len(encode_head(*work.head)) / self.d if work.head is not None else 0.0  # a probe's start
+        shares = {name: (self.agg.decode_share(reply.payload), reply.examples) for name, (reply, _) in replies.items()}
         self.agg.close_head(shares, plan.seed)
         self.heads_done += 1
         bits = head_bits(c, self.agg.num_classes, self.agg.feature_dim)
         return {"round": plan.index, "phase": HEAD, "head": c.head, "clients": len(plan.selected),
                 "uplink_bpp": bits / self.d, "downlink_bpp": downlink, "head_sha256": _sha(encode_head(*self.agg.head)),
-                **self.evaluate(self.agg.head), "time_s": round(time.perf_counter() - started, 3)}
+                **self.evaluate(self.agg.head), "time_s": round(seconds + time.perf_counter() - started, 3)}
 
-    def mask_round(self, plan, progress=None) -> Dict:
+    def _close_mask(self, plan, work: Work, replies) -> Dict:
         c, d = self.config, self.d
-        task = device_task(c, plan)
-        wire = self.wire
-        thresholds = decode_theta(wire, d)  # what every device receives
-        self.agg.open_mask(plan)
+        wire, thresholds = self.wire, work.thresholds
         times = {"train_s": 0.0, "encode_s": 0.0, "decode_s": 0.0}
         carries_mask = get_codec(c.codec).carries == CARRIES_MASK
-        replies = self.fleet.work(task, plan.selected, self.agg.head, thresholds, progress=progress)
         for reply, seconds in replies.values():
             times["train_s"] += seconds - reply.encode_s
             times["encode_s"] += reply.encode_s
@@ -272,7 +315,7 @@ class Federation:
                 **scores, "uplink_bpp": float(np.mean([x["bits"] for x in rows])) / d,
                 "downlink_bpp": 8 * len(wire) / d,
                 "delta_fraction": float(np.mean([x["delta"] for x in rows])) / d,
-                "undecided_fraction": len(undecided(decode_theta(wire, d))) / d,  # of the theta the round served
+                "undecided_fraction": len(undecided(work.thresholds)) / d,  # of the theta the round served
                 "kept": float(np.mean([x["kept"] for x in rows])),
                 "flips_applied": float(np.mean([x["applied"] for x in rows])),
                 "false_flips": float(np.mean([x["false"] for x in rows])),
@@ -283,18 +326,14 @@ class Federation:
                 **{key: round(v, 3) for key, v in times.items()},
                 "eval_s": round(time.perf_counter() - started, 3)}
 
-
-    def weight_round(self, plan, progress=None) -> Dict:
-        """A fine-tuning baseline's round (codec float32 or eden): the selected devices fine-tune the masked
-        layers' weights from the global ones and upload their updates; the aggregator averages them (FedAvg).
+    def _close_weights(self, plan, replies) -> Dict:
+        """A fine-tuning baseline's round (codec float32 or eden): the selected devices fine-tuned the masked
+        layers' weights from the global ones and uploaded their updates; the aggregator averages them (FedAvg).
         Logged as the plan's mask-phase round, with "update": "weights"; the downlink is the new weights'
         offset in float32 (32 bpp)."""
-        c, d = self.config, self.d
-        task = device_task(c, plan)
-        offset = self.agg.offset.copy()
+        d = self.d
         updates, bits, times = {}, [], {"train_s": 0.0, "encode_s": 0.0, "decode_s": 0.0}
-        for name, (reply, seconds) in self.fleet.work(task, plan.selected, self.agg.head, offset=offset,
-                                                      progress=progress).items():
+        for name, (reply, seconds) in replies.items():
             started = time.perf_counter()
             updates[name] = (decode_payload(reply.payload, d).values, reply.examples)
             times["decode_s"] += time.perf_counter() - started
