@@ -73,7 +73,7 @@ test-core: $(CORE_VENV)/.installed
 
 # Flower's environment: flwr[simulation] 1.42 wants protobuf < 7 (its grpcio-health-checking 1.81 too), where the
 # main environment takes the newest protobuf (7.x); so Flower gets its own: protobuf 6.x, and Ray 2.55.1, the
-# version the main environment's `ray` extra pins too (docs/design.md section 6.5).
+# version the main environment's `ray` extra pins too (docs/design.md section 3.14).
 FLOWER_VENV ?= .venv-flower
 FLOWER_SPEC := "flwr[simulation]==1.42.0"
 FLOWER_TESTS := tests/test_flower.py tests/test_proto.py tests/test_sampling.py tests/test_shards.py

@@ -16,7 +16,7 @@ counts bit for bit (integer sums do not depend on their order):
 
 What a shard moves: the round's thresholds (4 d bytes, once per worker and round with Ray's object store,
 with each task for the process pool), the group's payloads, and back 4 (hi - lo) bytes of counts plus 32
-bytes a leaf and upload. docs/design.md section 3.13 has the scaling arithmetic.
+bytes a leaf and upload. docs/design.md section 3.14 has the measurements and the scaling arithmetic.
 """
 import math
 from concurrent.futures import ProcessPoolExecutor
@@ -159,9 +159,12 @@ class RayPool:
             ray.init(include_dashboard=False, log_to_driver=False, logging_level="ERROR", **kwargs)
         self.workers = workers or int(ray.cluster_resources().get("CPU", 1))
         self._remote = ray.remote(num_cpus=1)(count_shard)
+        self._put: Optional[Tuple[RoundContext, object]] = None  # the last context and its object ref
 
     def map(self, ctx: RoundContext, shards: Sequence[Shard]) -> List[ShardResult]:
-        ref = self.ray.put(ctx)
+        if self._put is None or self._put[0] is not ctx:  # a caller that keeps one context a round ships it once
+            self._put = (ctx, self.ray.put(ctx))
+        ref = self._put[1]
         return self.ray.get([self._remote.remote(ref, s) for s in shards])
 
     def close(self) -> None:

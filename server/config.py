@@ -56,6 +56,27 @@ class Limits:
 
 
 @dataclass(frozen=True)
+class Aggregation:
+    """Who rebuilds the uploads' masks (`deltamask.shards`): `serial`, in the coordinator's decode threads (the
+    default: at the d of the usual backbones it is the fastest, docs/design.md section 3.14), a local `process`
+    pool of `workers`, or `ray`: a local Ray of `workers` CPUs, or the cluster at `address` (needs deltamask[ray])."""
+
+    executor: str = "serial"
+    workers: int = 2
+    address: Optional[str] = None
+
+    def check(self) -> None:
+        from deltamask.shards import EXECUTORS, RAY
+
+        if self.executor not in EXECUTORS:
+            raise ValueError(f"aggregation.executor must be one of {', '.join(EXECUTORS)}, got {self.executor!r}")
+        if self.workers < 1:
+            raise ValueError(f"aggregation.workers must be at least 1, got {self.workers}")
+        if self.address is not None and self.executor != RAY:
+            raise ValueError("aggregation.address is a Ray cluster's: set executor: ray")
+
+
+@dataclass(frozen=True)
 class ServerConfig(Policy):
     listen: str = "[::]:50051"
     state_dir: str = "deltamask-state"
@@ -79,6 +100,7 @@ class ServerConfig(Policy):
     # Prometheus metrics over HTTP ("host:port"; server/metrics.py lists them); unauthenticated: keep it on
     # the loopback address or behind the host's firewall. None: not served.
     metrics_listen: Optional[str] = None
+    aggregation: Aggregation = field(default_factory=Aggregation)
 
     def check(self) -> None:
         super().check()
@@ -102,6 +124,7 @@ class ServerConfig(Policy):
         if self.tls is not None:
             self.tls.check()
         self.limits.check()
+        self.aggregation.check()
         if self.metrics_listen is not None and not self.metrics_listen.rpartition(":")[2].isdigit():
             raise ValueError(f"metrics_listen must be host:port, got {self.metrics_listen!r}")
         for key in ("round_deadline_s", "heartbeat_interval_s", "done_grace_s"):
@@ -113,4 +136,4 @@ def load_config(path) -> ServerConfig:
     return load_yaml(ServerConfig, path)
 
 
-__all__ = ["ConfigError", "Evaluation", "Limits", "LocalTraining", "ServerConfig", "Tls", "load_config"]
+__all__ = ["Aggregation", "ConfigError", "Evaluation", "Limits", "LocalTraining", "ServerConfig", "Tls", "load_config"]

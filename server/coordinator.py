@@ -36,6 +36,7 @@ from deltamask.errors import PayloadError
 from deltamask.federation import HEAD, MASK, Aggregator, DeviceTask, device_task, eval_seed, head_bits, plan_round
 from deltamask.headwire import encode_head
 from deltamask.rounds import rebuild_client_mask
+from deltamask.shards import SERIAL, RoundContext, aggregate, make_executor
 from deltamask.thetawire import decode_theta, theta_digest
 from deltamask.transfer import sha256_hex
 from server import recovery
@@ -164,6 +165,9 @@ class Coordinator:
         self.devices: Dict[str, Device] = {}
         self.agg = Aggregator(config, self.d, config.num_classes, facts.feature_dim)
         self.counts = self.agg.counts
+        a = config.aggregation
+        self.shards = None if a.executor == SERIAL else make_executor(a.executor, a.workers, a.address)
+        self._round_context: Optional[Tuple[Tuple[int, int], RoundContext]] = None
         self.open: Optional[OpenRound] = None
         self.closed_rounds = -1  # the last closed (or skipped) round
         self.head_rounds = 0  # head rounds closed
@@ -537,6 +541,8 @@ class Coordinator:
         self._stopping.set()
         with self.lock:
             self._changed(round_event=True)
+        if self.shards is not None:
+            self.shards.close()
 
     def _open(self, by_name: Dict[str, str]) -> None:
         """Open the next round as the policy plans it, over the online devices' names (under `work`)."""
@@ -642,14 +648,28 @@ class Coordinator:
         try:
             if r.phase == HEAD:
                 return self.agg.decode_share(payload)
-            packed, digest_ = rebuild_client_mask(decode_payload(payload, self.d, r.thresholds), r.thresholds, r.seed,
-                                                  self.devices[device_id].name, self.config.reference)
+            name = self.devices[device_id].name
+            if self.shards is None:
+                packed, digest_ = rebuild_client_mask(decode_payload(payload, self.d, r.thresholds), r.thresholds,
+                                                      r.seed, name, self.config.reference)
+            else:  # the rebuild as shards over index ranges, on the configured pool or Ray cluster
+                got = aggregate(self._context(r), [(name, payload)], self.shards)
+                if got.errors:
+                    raise InvalidUpdate(got.errors[name])
+                packed, digest_ = np.packbits(got.ones.astype(bool), bitorder="little"), got.digests[name]
         except PayloadError as exc:
             raise InvalidUpdate(f"corrupt update: {exc}") from None
         if reference_digest is not None and digest_ != reference_digest:
             raise InvalidUpdate("reference mask digest does not match: the device drew its reference from a "
                                 "different theta or seed")
         return packed
+
+    def _context(self, r: OpenRound) -> RoundContext:
+        """The round's shard context, one object a round (Ray ships it to its object store once)."""
+        cached = self._round_context
+        if cached is None or cached[0] != (r.round, r.seed) or cached[1].thresholds is not r.thresholds:
+            self._round_context = cached = ((r.round, r.seed), RoundContext(r.thresholds, r.seed, self.config.reference))
+        return cached[1]
 
     def _apply(self, r: OpenRound, device_id: str, payload: bytes, sha: str, checked, metrics: Dict) -> None:
         if r.phase == HEAD:

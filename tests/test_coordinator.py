@@ -228,3 +228,36 @@ def test_after_a_restart_past_the_end_every_enrolled_device_is_told_before_the_c
     for i in ids[1:]:
         assert again.get_task(i, 1, 0).phase == "done"
     assert again.everyone_told_done()
+
+
+@pytest.mark.parametrize("executor", ["process", "ray"])
+def test_uploads_rebuilt_as_shards_on_a_pool_or_ray_give_the_serial_round(tmp_path, executor):
+    if executor == "ray":
+        pytest.importorskip("ray", reason="the ray extra")
+    from server.config import Aggregation
+    from server.coordinator import InvalidUpdate
+
+    serial, _ = mask_round_closed(tmp_path / "serial", Clock())
+    sharded, ids = mask_round_closed(tmp_path / executor, Clock(), aggregation=Aggregation(executor, workers=2))
+    try:
+        assert sharded.shards is not None and serial.shards is None
+        assert np.array_equal(sharded.counts.ones, serial.counts.ones) and sharded.wire == serial.wire
+        good = upload(sharded, ids[0])
+        with pytest.raises(InvalidUpdate, match="reference mask digest"):
+            sharded.submit(ids[0], sharded.open.round, good.payload, "0" * 64, {})
+        with pytest.raises(InvalidUpdate, match="corrupt update"):
+            sharded.submit(ids[0], sharded.open.round, good.payload[:-3], good.reference_digest, {})
+        assert sharded.submit(ids[0], sharded.open.round, good.payload, good.reference_digest, {}) is not None
+    finally:
+        sharded.stop()
+        serial.store.close()
+        sharded.store.close()
+
+
+def test_aggregation_settings_are_checked():
+    from server.config import Aggregation
+
+    with pytest.raises(ValueError, match="aggregation.executor must be one of serial, process, ray"):
+        ServerConfig(backbone=None, d=D, aggregation=Aggregation("gpu")).check()
+    with pytest.raises(ValueError, match="aggregation.address is a Ray cluster's"):
+        ServerConfig(backbone=None, d=D, aggregation=Aggregation("process", address="auto")).check()

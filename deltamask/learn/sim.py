@@ -267,9 +267,8 @@ class Federation:
         """Combine {name: (reply, seconds of its work)} (`seconds`: the whole round's wait for them)."""
         if plan.phase == HEAD:
             return self._close_head(plan, work, replies, seconds)
-        if work.offset is not None:
-            return self._close_weights(plan, replies)
-        return self._close_mask(plan, work, replies)
+        row = self._close_weights(plan, replies) if work.offset is not None else self._close_mask(plan, work, replies)
+        return {**row, "fleet_s": round(seconds, 3)}  # the wall time the selected devices took, all together
 
     def _close_head(self, plan, work: Work, replies, seconds: float) -> Dict:
         c, started = self.config, time.perf_counter()
