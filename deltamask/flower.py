@@ -141,14 +141,18 @@ class DeltaMask(Strategy):
         nodes = list(grid.get_node_ids())
         asks = [Message(RecordDict({"ask": ConfigRecord({"what": "name"})}), node, MessageType.QUERY)
                 for node in nodes]
+        reasons = []
         for reply in grid.send_and_receive(asks, timeout=self.timeout):
             if reply.has_error():
+                reasons.append(reply.error.reason)
                 log.warning("node %s did not say its name: %s", reply.metadata.src_node_id, reply.error.reason)
                 continue
             name = str(reply.content["device"]["name"])
             if name in self.nodes:
                 raise RuntimeError(f"two nodes say they are {name}: give each a distinct partition-id")
             self.nodes[name] = reply.metadata.src_node_id
+        if not self.nodes:
+            raise RuntimeError(f"none of the {len(nodes)} nodes said its name: {'; '.join(sorted(set(reasons)))}")
 
     def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
                         grid: Grid) -> Iterable[Message]:
