@@ -72,21 +72,12 @@ def test_bad_payload_and_wrong_digest_are_refused_and_left_out(round_):
     np.testing.assert_array_equal(result.ones, serial_counts(ctx, kept))
 
 
-def test_process_pool_equals_serial(round_):
+@pytest.mark.parametrize("executor", ["process", "ray"])
+def test_process_pool_and_ray_equal_serial(round_, executor):
+    if executor == "ray":
+        pytest.importorskip("ray", reason="Ray is installed by `make test` (the ray extra)")
     ctx, uploads, digests = round_
-    pool = ProcessPool(2)
-    try:
-        result = aggregate(ctx, uploads, pool, expected=digests, max_range=DIGEST_CHUNK)
-    finally:
-        pool.close()
-    np.testing.assert_array_equal(result.ones, serial_counts(ctx, uploads))
-    assert result.digests == digests and not result.errors
-
-
-def test_ray_equals_serial(round_):
-    pytest.importorskip("ray", reason="Ray is installed by `make test` (the ray extra)")
-    ctx, uploads, digests = round_
-    pool = RayPool(2)
+    pool = ProcessPool(2) if executor == "process" else RayPool(2)
     try:
         result = aggregate(ctx, uploads, pool, expected=digests, max_range=DIGEST_CHUNK)
     finally:
