@@ -75,14 +75,13 @@ test-core: $(CORE_VENV)/.installed
 # main environment takes the newest protobuf (7.x); so Flower gets its own: protobuf 6.x, and Ray 2.55.1, the
 # version the main environment's `ray` extra pins too (docs/design.md section 3.14).
 FLOWER_VENV ?= .venv-flower
-FLOWER_SPEC := "flwr[simulation]==1.42.0"
 FLOWER_TESTS := tests/test_flower.py tests/test_proto.py tests/test_sampling.py tests/test_shards.py
 
 $(FLOWER_VENV)/.installed: pyproject.toml Makefile
 	$(PYTHON) -m venv $(FLOWER_VENV)
 	$(FLOWER_VENV)/bin/python -m pip install --quiet --upgrade pip
 	$(FLOWER_VENV)/bin/python -m pip install --quiet $(TORCH_SPEC)
-	$(FLOWER_VENV)/bin/python -m pip install --quiet -e ".[train,test]" $(FLOWER_SPEC)
+	$(FLOWER_VENV)/bin/python -m pip install --quiet -e ".[train,test,flower]"
 	touch $@
 
 test-flower: $(FLOWER_VENV)/.installed data
