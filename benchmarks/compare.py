@@ -143,6 +143,15 @@ def finished(path: Path, config: SimConfig):
     return summarise(path.stem, rows, 0.0)
 
 
+def merged(path: Path, summaries: List[Dict]) -> List[Dict]:
+    """The summaries already at `path` (a JSON list), those of the same runs replaced by `summaries`, then the
+    new ones."""
+    new = {s["run"]: s for s in summaries}
+    old = json.loads(path.read_text()) if path.exists() else []
+    kept = [new.pop(s["run"]) if s["run"] in new else s for s in old]
+    return kept + [s for s in summaries if s["run"] in new]
+
+
 def parse_value(text: str):
     for kind in (int, float):
         try:
@@ -232,6 +241,7 @@ def main() -> int:
             if done[name]:
                 logging.info("%s: its log holds every round already (kept; --fresh runs it again)", name)
         summaries = [done[name] if done.get(name) else futures[name].result() for name in configs]
+    summaries = merged(args.out / "summary.json", summaries)  # a run of some of a file's runs keeps the others
     (args.out / "summary.json").write_text(json.dumps(summaries, indent=1))
     head = next(iter(configs.values())).head
     text = table(summaries, head)
