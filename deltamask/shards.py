@@ -144,21 +144,28 @@ class ProcessPool:
         self.pool.shutdown()
 
 
+def start_ray(workers: int, address: Optional[str] = None):
+    """(the ray module, whether this call started it): connects to the cluster at `address`, or starts a local
+    Ray of `workers` CPUs, unless Ray is running in this process already (then it is used as it is)."""
+    try:
+        import ray
+    except ImportError:
+        raise RuntimeError("Ray is not installed: pip install 'deltamask[ray]'") from None
+    if ray.is_initialized():
+        return ray, False
+    kwargs = {"address": address} if address else {"num_cpus": max(1, workers)}
+    ray.init(include_dashboard=False, log_to_driver=False, logging_level="ERROR", **kwargs)
+    return ray, True
+
+
 class RayPool:
     """Ray tasks, one CPU each: on the cluster at `address` (e.g. "auto" or "ray://head:10001"), or on a local
     Ray started with `workers` CPUs. The round's context goes into Ray's object store once per round."""
 
     def __init__(self, workers: int = 0, address: Optional[str] = None) -> None:
-        try:
-            import ray
-        except ImportError:
-            raise RuntimeError("the ray executor needs Ray: pip install 'deltamask[ray]'") from None
-        self.ray, self._started = ray, not ray.is_initialized()
-        if self._started:
-            kwargs = {"address": address} if address else {"num_cpus": max(1, workers)}
-            ray.init(include_dashboard=False, log_to_driver=False, logging_level="ERROR", **kwargs)
-        self.workers = workers or int(ray.cluster_resources().get("CPU", 1))
-        self._remote = ray.remote(num_cpus=1)(count_shard)
+        self.ray, self._started = start_ray(workers, address)
+        self.workers = workers or int(self.ray.cluster_resources().get("CPU", 1))
+        self._remote = self.ray.remote(num_cpus=1)(count_shard)
         self._put: Optional[Tuple[RoundContext, object]] = None  # the last context and its object ref
 
     def map(self, ctx: RoundContext, shards: Sequence[Shard]) -> List[ShardResult]:
@@ -214,4 +221,4 @@ def aggregate(ctx: RoundContext, uploads: Sequence[Tuple[str, bytes]], executor=
 
 
 __all__ = ["Aggregate", "EXECUTORS", "MAX_RANGE", "PROCESS", "ProcessPool", "RAY", "RayPool", "RoundContext",
-           "SERIAL", "Serial", "Shard", "ShardResult", "aggregate", "count_shard", "make_executor", "plan_shards"]
+           "SERIAL", "Serial", "Shard", "ShardResult", "aggregate", "count_shard", "make_executor", "plan_shards", "start_ray"]

@@ -161,14 +161,10 @@ class RayFleet:
     def __init__(self, config: SimConfig, workers: int, address: Optional[str] = None) -> None:
         if workers < 1:
             raise ValueError(f"Ray workers must be at least 1, got {workers}")
-        try:
-            import ray
-        except ImportError:
-            raise RuntimeError("the Ray simulator needs Ray: pip install 'deltamask[ray]'") from None
-        self.ray, self._started = ray, not ray.is_initialized()
-        if self._started:
-            kwargs = {"address": address} if address else {"num_cpus": workers}
-            ray.init(include_dashboard=False, log_to_driver=False, logging_level="ERROR", **kwargs)
+        from deltamask.shards import start_ray
+
+        ray, self._started = start_ray(workers, address)
+        self.ray = ray
         actor = ray.remote(num_cpus=1)(_FleetActor)
         self.actors = [actor.remote(config) for _ in range(workers)]
         self.shards = _ActorShards(ray, self.actors)
