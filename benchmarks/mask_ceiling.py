@@ -3,9 +3,9 @@ no skew, no aggregation): its head round, then the mask trained epoch after epoc
 held-out images after each epoch with a sampled mask, the expected mask theta * w and the mode theta >= 1/2.
 
     python benchmarks/mask_ceiling.py --train-samples 12000 --test-samples 10000 --epochs 6 \\
-        --theta0 0.99 --cache-dir ~/.cache/deltamask/prefix      # one JSON line an epoch; ~35 s an epoch
+        --theta0 0.99 --cache-dir ~/.cache/deltamask/prefix      # one JSON line an epoch; ~75 s each on 2 cores
 
-The head is the engine's (the local learner's share, the aggregator's close_head) for `--head`, full-covariance
+The head is the simulator's head phase (plan, open, close: the engine's) for `--head`, full-covariance
 FiT-LDA by default (the best head alone under label skew, docs/results.md); the mask is trained by the same
 `train_mask` the devices run (Adam, batch 64, the softmax over every class: one device holds all of them).
 It bounds what a federation of the same masks can reach in as many passes over the data.
@@ -21,7 +21,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import numpy as np  # noqa: E402
 
-from deltamask.federation import HEAD, LocalTraining, device_task, plan_round  # noqa: E402
+from deltamask.federation import HEAD, LocalTraining  # noqa: E402
 from deltamask.learn.sim import Federation, SimConfig  # noqa: E402
 from deltamask.learn.training import train_mask  # noqa: E402
 from deltamask.sampling import theta_to_thresholds  # noqa: E402
@@ -43,15 +43,16 @@ def main(argv=None) -> int:
                        head=args.head, lda_covariance=args.lda_covariance, theta0=args.theta0, seed=args.seed,
                        cache_dir=args.cache_dir, local=LocalTraining(lr=args.lr, loss="cross_entropy"))
     fed = Federation(config)
-    (name, learner), = fed.fleet.learners.items()
+    (learner,) = fed.fleet.learners.values()
     index = 0
-    while (plan := plan_round(config, index, index, 0, [name])).phase == HEAD:  # the head phase, as the engine runs it
-        reply = learner.work(device_task(config, plan), name, fed.agg.head)
-        fed.agg.close_head({name: (fed.agg.decode_share(reply.payload), reply.examples)}, plan.seed)
+    while (plan := fed.plan(index)).phase == HEAD:  # the head phase, as the simulator runs it
+        work = fed.open(plan)
+        row = fed.close(plan, work, fed.fleet.work(work.task, plan.selected, work.head))
         index += 1
     head = fed.agg.head
     print(json.dumps({"epoch": 0, "head": args.head, "lda_covariance": args.lda_covariance, "theta0": args.theta0,
-                      "lr": args.lr, "samples": args.train_samples, **fed.evaluate(head)}), flush=True)
+                      "lr": args.lr, "samples": args.train_samples, "accuracy": row["accuracy"],
+                      "head_uplink_bpp": round(row["uplink_bpp"], 4)}), flush=True)
     theta = np.full(fed.d, args.theta0, dtype=np.float32)
     model = learner.model
     for epoch in range(1, args.epochs + 1):
