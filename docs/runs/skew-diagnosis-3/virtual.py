@@ -12,6 +12,7 @@ carry like FiT-LDA's -- and trains on the real and the shifted examples with the
     VIRTUAL=shift python docs/runs/skew-diagnosis-3/virtual.py sim --clients 30 --alpha 0.1 --rho 0.2 ...
     VIRTUAL=shift VWEIGHT=0.5 ...     # the virtual examples' share of the loss (default 1: as much as the real)
     VIRTUAL=mean ...                  # the class mean itself as the virtual example
+    REAL=local ...                    # the real examples' softmax over the device's own classes only
 
 Run from the repository root. It computes the means in-process from every device's cached prefix outputs
 (their sum, as a federation would add the devices' shares) and replaces `deltamask.learn.training._fit`.
@@ -29,6 +30,7 @@ import deltamask.learn.training as training  # noqa: E402
 
 VIRTUAL = os.environ.get("VIRTUAL", "shift")
 VWEIGHT = float(os.environ.get("VWEIGHT", "1"))
+REAL_LOCAL = os.environ.get("REAL") == "local"
 STATE = {}
 _init = sim.Federation.__init__
 
@@ -68,9 +70,11 @@ def fit(net, optimizer, inputs, labels, local, seed, progress):
             else:
                 c = absent[torch.randint(len(absent), (len(y),), generator=draw)]
                 v = means[c] if VIRTUAL == "mean" else x - means[y] + means[c]
-                present = torch.ones(num_classes, dtype=torch.bool)
-                present[absent] = False
-                real = logits.masked_fill(~present, float("-inf")) if os.environ.get("REAL") == "local" else logits
+                real = logits
+                if REAL_LOCAL:
+                    present = torch.ones(num_classes, dtype=torch.bool)
+                    present[absent] = False
+                    real = logits.masked_fill(~present, float("-inf"))
                 loss = F.cross_entropy(real, y) + VWEIGHT * F.cross_entropy(net(v), c)
             loss.backward()
             optimizer.step()
