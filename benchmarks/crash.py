@@ -49,18 +49,11 @@ from deltamask.sampling import theta_to_thresholds, thresholds_to_theta  # noqa:
 from deltamask.thetawire import decode_theta, encode_theta  # noqa: E402
 from deltamask.v1 import coordinator_pb2 as pb  # noqa: E402
 from edge_client.transport import Backoff, connect, fetch_theta, retrying, submit_update  # noqa: E402
+from server.demo import free_port  # noqa: E402
 
 D, CLASSES, DEVICES, ROUNDS = 4096, 3, 4, 8
 POINTS = ["write-half", "upload-file", "upload-row", "open-row", "close-counts", "close-theta", "close-row"]
 THETA0 = 0.999
-
-
-def free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 class Devices:
@@ -169,6 +162,8 @@ def check(state: Path, acks) -> list:
         if stored.get((r, names.get(name))) != sha:
             bad.append(f"acknowledged upload of {name} in round {r} is not stored as acknowledged")
     db.close()
+    if not rows:
+        return bad + ["no round was ever opened"]
     last = rows[-1][0]
     counts, thresholds = reaggregate(state)
     kept = np.load(state / f"counts-{last}.npy")
@@ -225,8 +220,23 @@ def run_one(index: int, rng: random.Random, folder: Path, kills: int) -> dict:
         return subprocess.Popen(cli + conf, env={**env, "DELTAMASK_CRASH_AT": crash_at}, stdout=subprocess.DEVNULL,
                                 stderr=log)
 
+    def serving(server: subprocess.Popen, mark: int) -> bool:
+        """Wait until it serves (True) or has exited (False)."""
+        while server.poll() is None and b"serving on port" not in (folder / "server.log").read_bytes()[mark:]:
+            time.sleep(0.05)
+        return server.poll() is None
+
+    def tail() -> str:
+        return " | ".join((folder / "server.log").read_text(errors="replace").strip().splitlines()[-3:])
+
     events, damaged, refused = [], [], []
-    server = start()
+    for attempt in range(5):  # another process may take the port first: the coordinator then refuses to start
+        server = start()
+        if serving(server, 0) or "cannot listen" not in tail():
+            break
+        port = free_port()
+        config["listen"] = f"127.0.0.1:{port}"
+        (folder / "server.yaml").write_text(yaml.safe_dump(config))
     devices = Devices(f"localhost:{port}", str(state / "tls" / "ca.pem"), token)
     for k in range(kills):
         if rng.random() < 0.5:
@@ -253,20 +263,17 @@ def run_one(index: int, rng: random.Random, folder: Path, kills: int) -> dict:
                 damaged.append(what)
         mark = (folder / "server.log").stat().st_size
         server = start()
-        while server.poll() is None and b"serving on port" not in (folder / "server.log").read_bytes()[mark:]:
-            time.sleep(0.05)
-        if server.poll() is not None:  # refused to start: it must name the damaged file
-            text = (folder / "server.log").read_text(errors="replace")
-            refused.append(text.strip().splitlines()[-1])
+        if not serving(server, mark):  # refused to start: it must name the damaged file
+            refused.append((folder / "server.log").read_text(errors="replace").strip().splitlines()[-1])
             break
     violations = []
     try:
         code = server.wait(timeout=120)
         if code != 0 and not refused:
-            violations.append(f"coordinator exited {code}")
+            violations.append(f"coordinator exited {code}; its log ends: {tail()}")
     except subprocess.TimeoutExpired:
         server.kill()
-        violations.append("the federation did not finish within 120 s of the last restart")
+        violations.append(f"the federation did not finish within 120 s of the last restart; its log ends: {tail()}")
     devices.stop.set()
     for t in devices.threads:
         t.join(timeout=30)

@@ -113,17 +113,12 @@ def qemu_onnxruntime(root: Path, venv: str = "/opt/deltamask/venv") -> str:
            f"{first.returncode} on import under QEMU)"
 
 
-def free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def federation(root: Path, work: Path, timeout_s: float) -> dict:
     python = str(ROOT_DIR / ".venv/bin/python")
     env = {**os.environ, "PYTHONPATH": str(ROOT_DIR), "HF_HUB_OFFLINE": "1"}
+    sys.path.insert(0, str(ROOT_DIR))
+    from server.demo import free_port
+
     port, state = free_port(), work / "state"
     shutil.rmtree(work, ignore_errors=True)
     work.mkdir(parents=True)

@@ -299,19 +299,20 @@ class Coordinator:
                                  (token_id,)).fetchone()
                 if row is None or not matches(secret, row[0]):
                     raise Unauthenticated("unknown enrollment token")
-                retry = (existing is not None and existing.enrolled_with == token_id
-                         and not existing.credential_seen)
-                if retry:
-                    pass
-                elif row[2] <= self.clock():
-                    raise Unauthenticated("enrollment token expired; make a new one (deltamask-server token)")
-                if row[3] is not None and row[3] <= 0:
-                    raise Unauthenticated("enrollment token already used; make a new one (deltamask-server token)")
                 if row[1] is not None and row[1] != name:
                     raise PermissionDenied(f"this enrollment token is for device {row[1]!r}, not {name!r}")
-                if existing is not None and row[1] is None:
-                    raise PermissionDenied(f"device {name!r} is already enrolled: register with its credential, or "
-                                           f"enroll with a token made for this name (deltamask-server token --name)")
+                retry = (existing is not None and existing.enrolled_with == token_id
+                         and not existing.credential_seen)
+                if not retry:  # a repeated enrollment was admitted the first time: expiry and uses are spent
+                    if row[2] <= self.clock():
+                        raise Unauthenticated("enrollment token expired; make a new one (deltamask-server token)")
+                    if row[3] is not None and row[3] <= 0:
+                        raise Unauthenticated("enrollment token already used; make a new one "
+                                              "(deltamask-server token)")
+                    if existing is not None and row[1] is None:
+                        raise PermissionDenied(f"device {name!r} is already enrolled: register with its credential, "
+                                               f"or enroll with a token made for this name "
+                                               f"(deltamask-server token --name)")
                 if existing is not None:
                     db.execute("UPDATE devices SET credential_sha256 = ?, enrolled_with = ?, credential_seen = 0 "
                                "WHERE device_id = ?", (digest(credential), token_id, device_id))

@@ -11,6 +11,7 @@ parameter) and exits 0 when every process finished cleanly. Logs go to the run f
 import argparse
 import json
 import os
+import random
 import socket
 import subprocess
 import sys
@@ -25,9 +26,22 @@ CLIENTS = 3
 
 
 def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+    """A free loopback port below the kernel's ephemeral range, for a coordinator that may be restarted on it:
+    a port from that range (what binding port 0 gives) can become the source port of some client's outgoing
+    connection while the coordinator is down, and the restart would find it taken."""
+    try:
+        low = int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
+    except (OSError, ValueError, IndexError):
+        low = 32768
+    draw = random.SystemRandom()
+    while True:
+        port = draw.randrange(10000, max(10001, low))
+        with socket.socket() as s:
+            try:
+                s.bind(("127.0.0.1", port))
+                return port
+            except OSError:
+                continue
 
 
 def write_configs(folder: Path, args, names: str = "demo-{}", policy: Optional[Dict] = None) -> Path:

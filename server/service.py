@@ -64,6 +64,9 @@ def server_options(limits: Limits) -> list:
         ("grpc.max_receive_message_length", limits.max_message_bytes),
         ("grpc.max_connection_age_ms", int(limits.max_connection_age_s * 1000)),
         ("grpc.max_connection_age_grace_ms", int(MAX_WAIT_S * 1000 + 60_000)),  # a long poll or upload finishes
+        # gRPC shares a port by default (SO_REUSEPORT): a second coordinator on a port in use would start and take
+        # half of the first one's connections. One coordinator per port: the second one fails to start.
+        ("grpc.so_reuseport", 0),
     ]
 
 
@@ -345,16 +348,19 @@ class Server:
             "ServerReflectionInfo": grpc.stream_stream_rpc_method_handler(
                 v1.ServerReflectionInfo, request_deserializer=reflection_pb2.ServerReflectionRequest.FromString,
                 response_serializer=reflection_pb2.ServerReflectionResponse.SerializeToString)}),))
-        if tls is None:
-            port = self.grpc.add_insecure_port(address)
-        else:
-            client_ca = _read_file(tls.client_ca)
-            credentials = grpc.ssl_server_credentials([(_read_file(tls.key), _read_file(tls.cert))],
-                                                      root_certificates=client_ca,
-                                                      require_client_auth=client_ca is not None)
-            port = self.grpc.add_secure_port(address, credentials)
+        try:
+            if tls is None:
+                port = self.grpc.add_insecure_port(address)
+            else:
+                client_ca = _read_file(tls.client_ca)
+                credentials = grpc.ssl_server_credentials([(_read_file(tls.key), _read_file(tls.cert))],
+                                                          root_certificates=client_ca,
+                                                          require_client_auth=client_ca is not None)
+                port = self.grpc.add_secure_port(address, credentials)
+        except RuntimeError:  # grpc's "Failed to bind"
+            port = 0
         if port == 0:
-            raise OSError(f"cannot listen on {address}")
+            raise OSError(f"cannot listen on {address}: the address is in use or not this machine's")
         return port
 
     def start(self) -> None:

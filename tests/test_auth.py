@@ -42,8 +42,11 @@ def test_every_caller_without_the_right_secret_is_refused_and_nothing_changes(se
     expired = issue_token(store, "pi-3", ttl_s=1, now=coordinator.clock() - 10)
     used = issue_token(store, "pi-4")
     stub.keys.current = ""
-    stub.Register(pb.RegisterRequest(name="pi-4", enrollment_token=used))  # spends it
+    stub.keys.current = stub.Register(pb.RegisterRequest(name="pi-4", enrollment_token=used)).credential  # spends it
+    stub.Heartbeat(pb.HeartbeatRequest())  # pi-4 holds its credential: its enrollment can no longer be repeated
     as_device(stub, "pi-1")
+    stub.Heartbeat(pb.HeartbeatRequest())
+    coordinator.flush_told()
     fleet_token = issue_token(store, uses=None)
     pi7_token = issue_token(store, "pi-7")
     folder = tmp_path / "state"
@@ -111,6 +114,36 @@ def test_a_device_token_re_enrolls_a_reinstalled_board_and_the_old_credential_st
     assert code_of(lambda: stub.Heartbeat(pb.HeartbeatRequest())) == UNAUTHENTICATED
     stub.keys.current = again.credential
     assert stub.Heartbeat(pb.HeartbeatRequest()).round == 0
+
+
+def test_an_enrollment_whose_reply_was_lost_is_repeated_with_its_token_until_the_credential_is_first_used(served):
+    """The coordinator dies after committing an enrollment and before its reply (or the network drops the
+    reply): the agent registers again with the same token. Fleet token or single-use device token, it gets the
+    same device and a new credential and spends nothing more; once the device has called with its credential,
+    the token no longer enrolls that name."""
+    coordinator, _, _, stub = served
+    store = coordinator.store
+    fleet, single = issue_token(store, uses=2), issue_token(store, "pi-2")
+    refused = {}
+    for name, token in (("pi-1", fleet), ("pi-2", single)):
+        stub.keys.current = ""
+        request = pb.RegisterRequest(name=name, kind=pb.RPI4, memory_bytes=4 << 30, enrollment_token=token)
+        lost = stub.Register(request)
+        again = stub.Register(request)
+        assert again.device_id == lost.device_id and again.credential not in ("", lost.credential)
+        stub.keys.current = lost.credential  # only the newest credential works
+        assert code_of(lambda: stub.Heartbeat(pb.HeartbeatRequest())) == UNAUTHENTICATED
+        stub.keys.current = again.credential
+        assert stub.Heartbeat(pb.HeartbeatRequest()).round == 0
+        stub.keys.current = ""
+        refused[name] = code_of(lambda: stub.Register(request))
+    assert refused == {"pi-1": PERMISSION_DENIED, "pi-2": UNAUTHENTICATED}  # already enrolled; token spent
+    stub.keys.current = ""
+    third = pb.RegisterRequest(name="pi-3", kind=pb.RPI4, memory_bytes=4 << 30, enrollment_token=fleet)
+    assert stub.Register(third).credential  # the fleet token's second use: the repeat spent none
+    third.name = "pi-4"
+    assert code_of(lambda: stub.Register(third)) == UNAUTHENTICATED
+    assert sorted(d.name for d in coordinator.devices.values()) == ["pi-1", "pi-2", "pi-3"]
 
 
 def test_plaintext_to_the_tls_port_gets_no_answer(served):

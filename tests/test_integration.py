@@ -2,7 +2,6 @@
 import json
 import os
 import signal
-import socket
 import sqlite3
 import subprocess
 import sys
@@ -20,6 +19,7 @@ from deltamask.rounds import rebuild_client_mask
 from deltamask.sampling import round_seed, theta_to_thresholds, thresholds_to_theta
 from deltamask.thetawire import decode_theta
 from server.config import ServerConfig
+from server.demo import free_port
 from tests.wire import server_secrets, tls_config
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -28,12 +28,6 @@ SERVER = dict(backbone="tiny", weights=None, blocks=5, image_size=16, num_classe
               min_quorum=2, rounds=3, round_deadline_s=60, heartbeat_interval_s=1, exit_when_done=True, seed=5,
               lda_rank=16,  # the tiny model has 32 features
               local={"epochs": 1, "batch_size": 32, "lr": 0.1, "head_epochs": 3})
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 class Fleet:

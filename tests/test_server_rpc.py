@@ -256,6 +256,28 @@ def test_health_serves_then_turns_not_serving_on_stop(tmp_path):
     coordinator.store.close()
 
 
+def test_a_second_coordinator_on_a_port_in_use_refuses_to_start_and_the_first_keeps_every_call(tmp_path):
+    """gRPC shares a port by default (SO_REUSEPORT): a second coordinator would start and take part of the
+    first one's connections, so a device could enroll with the wrong federation. It must fail to start."""
+    coordinators, tls = [], tls_files(tmp_path / "tls")
+    for name in ("first", "second"):
+        config = ServerConfig(state_dir=str(tmp_path / name), **CONFIG)
+        coordinators.append(Coordinator(config, model_facts(config), Store(config.state_dir)))
+    server = Server(coordinators[0], "127.0.0.1:0", tls=tls)
+    server.start()
+    with pytest.raises(OSError, match=f"cannot listen on 127.0.0.1:{server.port}"):
+        Server(coordinators[1], f"127.0.0.1:{server.port}", tls=tls)
+    for i in range(20):  # each on a new connection, with a token of the first: each one enrolled there
+        channel = secure_channel(server.port, tls)
+        reply = enroll(Keys().stub(channel), coordinators[0].store, f"pi-{i}")
+        assert reply.device_id in coordinators[0].devices
+        channel.close()
+    assert len(coordinators[0].devices) == 20 and not coordinators[1].devices
+    server.stop(0)
+    for coordinator in coordinators:
+        coordinator.store.close()
+
+
 def test_agent_keepalive_pings_are_ones_the_coordinator_accepts():
     """An agent idle for an hour of training keeps its channel: it pings while no call is in flight, and
     never more often than the coordinator tolerates (else GOAWAY "too_many_pings" drops the channel)."""
