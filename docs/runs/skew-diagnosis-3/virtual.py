@@ -12,6 +12,7 @@ carry like FiT-LDA's -- and trains on the real and the shifted examples with the
     VIRTUAL=shift python docs/runs/skew-diagnosis-3/virtual.py sim --clients 30 --alpha 0.1 --rho 0.2 ...
     VIRTUAL=shift VWEIGHT=0.5 ...     # the virtual examples' share of the loss (default 1: as much as the real)
     VIRTUAL=mean ...                  # the class mean itself as the virtual example
+    VIRTUAL=rescale ...               # x's spread rescaled to class c's too: m_c + (x - m_y) s_c / s_y, s per position
     REAL=local ...                    # the real examples' softmax over the device's own classes only
 
 Run from the repository root. It computes the means in-process from every device's cached prefix outputs
@@ -38,16 +39,20 @@ _init = sim.Federation.__init__
 def init(self, *args, **kwargs):
     """The simulator's Federation, and the class means of the masked blocks' inputs over all its devices."""
     _init(self, *args, **kwargs)
-    sums, counts = None, None
+    sums, squares, counts = None, None, None
     for learner in self.fleet.learners.values():
         x, y = learner.inputs.double(), learner.labels
         if sums is None:
             sums = torch.zeros((self.agg.num_classes,) + tuple(x.shape[1:]), dtype=torch.float64)
+            squares = torch.zeros_like(sums)
             counts = torch.zeros(self.agg.num_classes, dtype=torch.float64)
         sums.index_add_(0, y, x)
+        squares.index_add_(0, y, x * x)
         counts += torch.bincount(y, minlength=self.agg.num_classes).double()
     shape = (-1,) + (1,) * (sums.dim() - 1)
-    STATE["means"] = (sums / counts.clamp(min=1).view(shape)).float()
+    n = counts.clamp(min=2).view(shape)
+    STATE["means"] = (sums / n).float()
+    STATE["spread"] = ((squares - sums * sums / n) / (n - 1)).clamp(min=0).sqrt().float()  # per class and position
 
 
 def fit(net, optimizer, inputs, labels, local, seed, progress):
@@ -69,7 +74,13 @@ def fit(net, optimizer, inputs, labels, local, seed, progress):
                 loss = F.cross_entropy(logits, y)
             else:
                 c = absent[torch.randint(len(absent), (len(y),), generator=draw)]
-                v = means[c] if VIRTUAL == "mean" else x - means[y] + means[c]
+                if VIRTUAL == "mean":
+                    v = means[c]
+                elif VIRTUAL == "rescale":
+                    spread = STATE["spread"]
+                    v = means[c] + (x - means[y]) * spread[c] / spread[y].clamp(min=1e-3)
+                else:
+                    v = x - means[y] + means[c]
                 real = logits
                 if REAL_LOCAL:
                     present = torch.ones(num_classes, dtype=torch.bool)
