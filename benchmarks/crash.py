@@ -230,7 +230,7 @@ def run_one(index: int, rng: random.Random, folder: Path, kills: int) -> dict:
         return " | ".join((folder / "server.log").read_text(errors="replace").strip().splitlines()[-3:])
 
     events, damaged, refused = [], [], []
-    for attempt in range(5):  # another process may take the port first: the coordinator then refuses to start
+    for _ in range(5):  # another process may take the port first: the coordinator then refuses to start
         server = start()
         if serving(server, 0) or "cannot listen" not in tail():
             break
