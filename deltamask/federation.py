@@ -62,8 +62,8 @@ class LocalTraining:
 
 @dataclass(frozen=True)
 class Policy:
-    """The round policy: one set of defaults for the simulator and the coordinator (whose configuration
-    extends it), so that both run the same federation from the same file."""
+    """The round policy: one set of keys and defaults for the simulator and the coordinator (whose
+    configurations extend it), so that the same settings run the same federation in both."""
 
     rounds: int = 20  # mask rounds, after the head phase
     rho: float = 1.0  # fraction of the eligible devices asked each mask round

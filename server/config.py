@@ -82,7 +82,7 @@ class ServerConfig(Policy):
     state_dir: str = "deltamask-state"
     # the model every client masks; d is counted from it (or given, to run without the model)
     backbone: Optional[str] = "mobilenet_v2"
-    weights: Optional[str] = "default"  # for evaluation only: clients load their own copy
+    weights: Optional[str] = "default"  # for evaluation and export: clients load their own copy
     blocks: int = 5
     image_size: int = 64
     d: Optional[int] = None

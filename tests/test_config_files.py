@@ -62,3 +62,29 @@ def test_the_clis_exit_2_with_one_line_for_a_bad_config(tmp_path):
                                 capture_output=True, text=True)
         assert result.returncode == 2 and "unknown key 'roundz'" in result.stderr
         assert "Traceback" not in result.stderr
+
+
+def _missing(cls, data, prefix=""):
+    """Keys of the dataclass `cls` (nested ones as a.b) that the mapping `data` leaves out."""
+    import dataclasses
+
+    out = []
+    for f in dataclasses.fields(cls):
+        key = prefix + f.name
+        if f.name not in data:
+            out.append(key)
+        elif dataclasses.is_dataclass(f.type) and isinstance(data[f.name], dict):
+            out += _missing(f.type, data[f.name], key + ".")
+    return out
+
+
+def test_the_example_files_name_every_key():
+    """docker/config/*.yaml send readers to the examples for every key: they must hold them all."""
+    import yaml
+
+    from edge_client.config import AgentConfig
+    from server.config import ServerConfig
+
+    for cls, path in ((ServerConfig, ROOT / "server" / "example.yaml"),
+                      (AgentConfig, ROOT / "edge_client" / "example.yaml")):
+        assert _missing(cls, yaml.safe_load(path.read_text())) == [], path
