@@ -336,6 +336,24 @@ class Coordinator:
         log.info("enrolled %s (%s) as %s%s", name, kind, device_id, " (new credential)" if existing else "")
         return device, credential
 
+    def revoke(self, name: str) -> Tuple[Device, bool]:
+        """Take `name`'s seat (a lost or stolen board): its credential stops working at once and after a
+        restart, it is not selected again, a fleet token cannot enroll the name again and its enrollment cannot
+        be repeated; a token made for the name (deltamask-server token --name) enrolls it anew. What it uploaded
+        stays counted; an open round it was selected in closes without it (at its deadline, on min_quorum).
+        Returns the device and whether it had been revoked already."""
+        with self.enrolling:
+            device = self._by_name(name)
+            if device is None:
+                raise InvalidUpdate(f"no device is enrolled as {name!r}")
+            already = device.credential_sha256 is None
+            self.store.revoke_device(device.device_id)
+            with self.lock:
+                device.credential_sha256, device.enrolled_with, device.ready = None, None, False
+                self._changed()
+        log.warning("revoked %s (%s)%s", name, device.device_id, " again" if already else "")
+        return device, already
+
     def authenticate(self, credential: str) -> Device:
         """The device a credential belongs to; Unauthenticated for anything else (the reason stays vague)."""
         try:
@@ -468,7 +486,8 @@ class Coordinator:
             online, now = set(self._online()), self.clock()
             return [{"device_id": d.device_id, "name": d.name, "kind": d.kind, "online": d.device_id in online,
                      "seen_s_ago": max(0.0, now - d.last_seen) if d.last_seen else -1.0, "codec": d.codec,
-                     "told_done": d.told_done} for d in sorted(self.devices.values(), key=lambda d: d.name)]
+                     "told_done": d.told_done, "revoked": d.credential_sha256 is None}
+                    for d in sorted(self.devices.values(), key=lambda d: d.name)]
 
     def update_list(self, first_round: int = 0) -> List[Dict]:
         """Every update taken from `first_round` on, with its round's phase, its device's name and the

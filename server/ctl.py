@@ -4,6 +4,7 @@
     deltamask-ctl --address coord:50051 --ca ca.pem --credential-file operator.credential devices
     deltamask-ctl --config server.yaml rounds | energy | watch [--interval 2] | plot --out charts/
     deltamask-ctl --config server.yaml export --out model.onnx [--format onnx|torch] [--mask sample|mode]
+    deltamask-ctl --config server.yaml revoke rpi4-kitchen   # a lost or stolen board: its credential stops working
 
 Commands: `status` (round, phase, devices registered and online), `devices` (name, kind, online, last seen),
 `rounds` (each round: phase, state, selected and received, accuracy, uplink and downlink bpp), `export`
@@ -11,7 +12,8 @@ Commands: `status` (round, phase, devices registered and online), `devices` (nam
 the file `deltamask-server export` writes, away from the coordinator; needs torch and the backbone's
 weights), `energy` (joules per device and phase per round, from the measurements the devices sent with their updates: an
 INA219, INA3221 or RAPL meter on the device), `watch` (status and the last rounds, redrawn every
---interval seconds), `plot` (PNG charts of accuracy, bits per parameter and joules per round). `--json`
+--interval seconds), `plot` (PNG charts of accuracy, bits per parameter and joules per round), `revoke NAME`
+(the device's credential stops working at once; only a token made for its name enrolls it again). `--json`
 prints JSON instead of tables. The operator credential is state_dir/operator.credential, written by the
 coordinator at its first start (mode 0600).
 """
@@ -50,7 +52,11 @@ class Operator:
         reply = self.stub.ListDevices(pb.DevicesRequest(), timeout=self.timeout)
         return [{"name": d.name, "device_id": d.device_id, "kind": d.kind, "online": d.online,
                  "seen_s_ago": d.seen_s_ago if d.seen_s_ago >= 0 else None, "codec": d.codec,
-                 "told_done": d.told_done} for d in reply.devices]
+                 "told_done": d.told_done, "revoked": d.revoked} for d in reply.devices]
+
+    def revoke(self, name: str) -> Dict:
+        reply = self.stub.RevokeDevice(pb.RevokeRequest(name=name), timeout=self.timeout)
+        return {"name": name, "device_id": reply.device_id, "was_revoked": reply.was_revoked}
 
     def release(self, limit: int = 4 << 30) -> bytes:
         """The coordinator's last closed mask round as a release (server/export.py), fetched in chunks."""
@@ -183,6 +189,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     model.add_argument("--mask", choices=("sample", "mode"), default="sample")
     model.add_argument("--weights", default="default", help="the backbone's pretrained weights here (default: "
                                                             "its offline copy)")
+    sub.add_parser("revoke").add_argument("name", help="the device's enrolled name (deltamask-ctl devices)")
     args = parser.parse_args(argv)
 
     where = from_config(args.config) if args.config else {}
@@ -213,12 +220,16 @@ def main(argv: Optional[List[str]] = None) -> int:
             for path in plot(op, args.out):
                 print(path)
             return 0
+        if args.command == "revoke":
+            print(json.dumps(op.revoke(args.name)))
+            return 0
         if args.command == "status":
             s = op.status()
             print(json.dumps({k: v for k, v in s.items() if k != "rounds"}) if args.json else status_text(s))
             return 0
         rows, columns = {
-            "devices": (op.devices, ["name", "kind", "online", "seen_s_ago", "codec", "told_done", "device_id"]),
+            "devices": (op.devices, ["name", "kind", "online", "seen_s_ago", "codec", "told_done", "revoked",
+                                     "device_id"]),
             "rounds": (lambda: op.status()["rounds"], ROUND_COLUMNS),
             "energy": (op.energy, ["round", "phase", "name", "energy_j", "meter", "train_s", "encode_s", "bytes"]),
         }[args.command]

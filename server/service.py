@@ -262,6 +262,12 @@ class CoordinatorService(rpc.CoordinatorServicer):
             await context.write(pb.Chunk(total_length=len(blob), sha256=digest, offset=offset, data=piece))
 
     @_refusals
+    async def RevokeDevice(self, request, context):
+        self.c.authorize_operator(bearer(context))
+        device, already = await self._blocking(self.c.revoke, request.name)
+        return pb.RevokeReply(device_id=device.device_id, was_revoked=already)
+
+    @_refusals
     async def ListUpdates(self, request, context):
         self.c.authorize_operator(bearer(context))
         updates = await self._blocking(self.c.update_list, request.from_round)

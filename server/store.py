@@ -129,6 +129,11 @@ class Store:
                     [("UPDATE devices SET credential_seen = 1 WHERE device_id = ?", (i,)) for i in credential_seen])
 
     # --- enrollment ---------------------------------------------------------------------------------
+    def revoke_device(self, device_id: str) -> None:
+        """No credential and no enrollment to repeat: the device cannot call until a token made for its name."""
+        self._write([("UPDATE devices SET credential_sha256 = NULL, enrolled_with = NULL WHERE device_id = ?",
+                      (device_id,))])
+
     def add_token(self, token_id: str, secret_sha256: str, name: Optional[str], expires_at: float,
                   uses: Optional[int]) -> None:
         self._write([("INSERT INTO tokens VALUES (?, ?, ?, ?, ?, ?)",

@@ -146,6 +146,60 @@ def test_an_enrollment_whose_reply_was_lost_is_repeated_with_its_token_until_the
     assert sorted(d.name for d in coordinator.devices.values()) == ["pi-1", "pi-2", "pi-3"]
 
 
+def test_a_revoked_device_is_refused_at_once_and_after_a_restart_until_a_token_for_its_name(tmp_path):
+    """A lost board: the operator revokes its name (RevokeDevice); its credential is refused from that call on and
+    after the coordinator restarts, neither the fleet token nor a repeat of its own enrollment brings it back,
+    and a token made for its name enrolls it anew. Only the operator may revoke."""
+    from server.coordinator import Coordinator
+    from server.evaluation import model_facts
+    from server.store import Store
+    from tests.test_server_rpc import operator
+
+    coordinator, server, channel = start(tmp_path)
+    stub = Keys().stub(channel)
+    store = coordinator.store
+    fleet = issue_token(store, uses=None)
+    stub.keys.current = ""
+    lost = stub.Register(pb.RegisterRequest(name="pi-1", kind=pb.RPI4, enrollment_token=fleet))
+    stub.keys.current = ""
+    fresh = stub.Register(pb.RegisterRequest(name="pi-2", kind=pb.RPI4, enrollment_token=fleet))  # never calls
+    stub.keys.current = lost.credential
+    assert stub.Heartbeat(pb.HeartbeatRequest()).round == 0
+    admin = rpc.CoordinatorStub(channel)
+    as_operator = [("authorization", "Bearer " + operator(coordinator))]
+    as_pi1 = [("authorization", "Bearer " + lost.credential)]
+    assert code_of(lambda: admin.RevokeDevice(pb.RevokeRequest(name="pi-2"), metadata=as_pi1)) == UNAUTHENTICATED
+    for name, reply in (("pi-1", lost), ("pi-2", fresh)):
+        revoked = admin.RevokeDevice(pb.RevokeRequest(name=name), metadata=as_operator)
+        assert (revoked.device_id, revoked.was_revoked) == (reply.device_id, False)
+    assert admin.RevokeDevice(pb.RevokeRequest(name="pi-1"), metadata=as_operator).was_revoked  # twice: no change
+    assert code_of(lambda: admin.RevokeDevice(pb.RevokeRequest(name="pi-9"), metadata=as_operator)) \
+        == grpc.StatusCode.INVALID_ARGUMENT
+    listed = admin.ListDevices(pb.DevicesRequest(), metadata=as_operator).devices
+    assert [(d.name, d.revoked) for d in listed] == [("pi-1", True), ("pi-2", True)]
+    assert code_of(lambda: stub.Heartbeat(pb.HeartbeatRequest())) == UNAUTHENTICATED
+    stub.keys.current = fresh.credential
+    assert code_of(lambda: stub.Heartbeat(pb.HeartbeatRequest())) == UNAUTHENTICATED
+    stub.keys.current = ""
+    for name in ("pi-1", "pi-2"):  # pi-2's enrollment was never used: still no repeat after a revocation
+        request = pb.RegisterRequest(name=name, kind=pb.RPI4, enrollment_token=fleet)
+        assert code_of(lambda: stub.Register(request)) == PERMISSION_DENIED, name
+    channel.close()
+    server.stop(0)
+    store.close()
+
+    again = Coordinator(coordinator.config, model_facts(coordinator.config), Store(coordinator.config.state_dir))
+    try:
+        for credential in (lost.credential, fresh.credential):
+            with pytest.raises(Exception, match="unknown or replaced device credential"):
+                again.authenticate(credential)
+        board, credential = again.enroll(issue_token(again.store, "pi-1"), "pi-1", "rpi4", 4 << 30, "")
+        assert board.device_id == lost.device_id and again.authenticate(credential) is board
+        assert [d["revoked"] for d in again.device_list()] == [False, True]
+    finally:
+        again.store.close()
+
+
 def test_plaintext_to_the_tls_port_gets_no_answer(served):
     _, server, _, _ = served
     with grpc.insecure_channel(f"127.0.0.1:{server.port}") as channel:

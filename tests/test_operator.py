@@ -74,7 +74,7 @@ def fleet(tmp_path_factory):
         assert submit_update(stub, pb.UpdateHeader(device_id=device, round=task.round, metrics=pb.Metrics(
             energy_j=4.0), reference_digest=upload.reference_digest), upload.payload, backoff).accepted
         yield {"port": port, "metrics_port": metrics_port, "config": tmp_path / "server.yaml", "state": state,
-               "stub": stub, "head": head, "upload": upload, "wire": wire, "d": reg.d, "env": env}
+               "stub": stub, "head": head, "upload": upload, "wire": wire, "d": reg.d, "env": env, "token": token}
     finally:
         server.kill()
         server.wait()
@@ -194,3 +194,29 @@ def test_ctl_export_builds_the_file_deltamask_server_export_writes(fleet, tmp_pa
     logits = [onnxruntime.InferenceSession(str(tmp_path / f"{n}.onnx")).run(None, {"images": x})[0]
               for n in ("remote", "local")]
     assert np.array_equal(logits[0], logits[1])
+
+
+def test_ctl_revoke_takes_a_devices_seat_and_devices_shows_it(fleet):
+    """A lost board: `deltamask-ctl revoke NAME` refuses its credential from then on, `devices` says so, and
+    the fleet token cannot enroll the name again. (Last in this module: it adds a device.)"""
+    wait_for_mask_round(fleet)
+    credential = {"secret": ""}
+    stub = connect(f"localhost:{fleet['port']}", str(fleet["state"] / "tls" / "ca.pem"), lambda: credential["secret"])
+    request = pb.RegisterRequest(name="pi-lost", kind=pb.RPI4, enrollment_token=fleet["token"])
+    reg = stub.Register(request, timeout=60)
+    credential["secret"] = reg.credential
+    stub.Heartbeat(pb.HeartbeatRequest(), timeout=30)
+    code, out, err = ctl(fleet, "revoke", "pi-lost")
+    assert code == 0, err
+    assert json.loads(out) == {"name": "pi-lost", "device_id": reg.device_id, "was_revoked": False}
+    with pytest.raises(grpc.RpcError) as refused:
+        stub.Heartbeat(pb.HeartbeatRequest(), timeout=30)
+    assert refused.value.code() == grpc.StatusCode.UNAUTHENTICATED
+    credential["secret"] = ""
+    with pytest.raises(grpc.RpcError) as again:
+        stub.Register(request, timeout=60)
+    assert again.value.code() == grpc.StatusCode.PERMISSION_DENIED
+    code, out, _ = ctl(fleet, "--json", "devices")
+    assert code == 0 and {d["name"]: d["revoked"] for d in json.loads(out)} == {"pi-1": False, "pi-lost": True}
+    code, _, err = ctl(fleet, "revoke", "nobody")
+    assert code == 1 and "INVALID_ARGUMENT" in err and "nobody" in err

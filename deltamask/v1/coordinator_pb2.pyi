@@ -269,7 +269,7 @@ class DevicesRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class DeviceInfo(_message.Message):
-    __slots__ = ("device_id", "name", "kind", "online", "seen_s_ago", "codec", "told_done")
+    __slots__ = ("device_id", "name", "kind", "online", "seen_s_ago", "codec", "told_done", "revoked")
     DEVICE_ID_FIELD_NUMBER: _ClassVar[int]
     NAME_FIELD_NUMBER: _ClassVar[int]
     KIND_FIELD_NUMBER: _ClassVar[int]
@@ -277,6 +277,7 @@ class DeviceInfo(_message.Message):
     SEEN_S_AGO_FIELD_NUMBER: _ClassVar[int]
     CODEC_FIELD_NUMBER: _ClassVar[int]
     TOLD_DONE_FIELD_NUMBER: _ClassVar[int]
+    REVOKED_FIELD_NUMBER: _ClassVar[int]
     device_id: str
     name: str
     kind: str
@@ -284,7 +285,8 @@ class DeviceInfo(_message.Message):
     seen_s_ago: float
     codec: str
     told_done: bool
-    def __init__(self, device_id: _Optional[str] = ..., name: _Optional[str] = ..., kind: _Optional[str] = ..., online: bool = ..., seen_s_ago: _Optional[float] = ..., codec: _Optional[str] = ..., told_done: bool = ...) -> None: ...
+    revoked: bool
+    def __init__(self, device_id: _Optional[str] = ..., name: _Optional[str] = ..., kind: _Optional[str] = ..., online: bool = ..., seen_s_ago: _Optional[float] = ..., codec: _Optional[str] = ..., told_done: bool = ..., revoked: bool = ...) -> None: ...
 
 class DevicesReply(_message.Message):
     __slots__ = ("devices",)
@@ -325,3 +327,17 @@ class ModelRequest(_message.Message):
     OFFSET_FIELD_NUMBER: _ClassVar[int]
     offset: int
     def __init__(self, offset: _Optional[int] = ...) -> None: ...
+
+class RevokeRequest(_message.Message):
+    __slots__ = ("name",)
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    name: str
+    def __init__(self, name: _Optional[str] = ...) -> None: ...
+
+class RevokeReply(_message.Message):
+    __slots__ = ("device_id", "was_revoked")
+    DEVICE_ID_FIELD_NUMBER: _ClassVar[int]
+    WAS_REVOKED_FIELD_NUMBER: _ClassVar[int]
+    device_id: str
+    was_revoked: bool
+    def __init__(self, device_id: _Optional[str] = ..., was_revoked: bool = ...) -> None: ...

@@ -79,6 +79,11 @@ class CoordinatorStub(object):
                 request_serializer=deltamask_dot_v1_dot_coordinator__pb2.ModelRequest.SerializeToString,
                 response_deserializer=deltamask_dot_v1_dot_coordinator__pb2.Chunk.FromString,
                 _registered_method=True)
+        self.RevokeDevice = channel.unary_unary(
+                '/deltamask.v1.Coordinator/RevokeDevice',
+                request_serializer=deltamask_dot_v1_dot_coordinator__pb2.RevokeRequest.SerializeToString,
+                response_deserializer=deltamask_dot_v1_dot_coordinator__pb2.RevokeReply.FromString,
+                _registered_method=True)
 
 
 class CoordinatorServicer(object):
@@ -150,6 +155,14 @@ class CoordinatorServicer(object):
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def RevokeDevice(self, request, context):
+        """take a device's seat: its credential stops working at once, it is not asked again, and only a token made
+        for its name (deltamask-server token --name) enrolls it again; INVALID_ARGUMENT for an unknown name
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_CoordinatorServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -197,6 +210,11 @@ def add_CoordinatorServicer_to_server(servicer, server):
                     servicer.FetchModel,
                     request_deserializer=deltamask_dot_v1_dot_coordinator__pb2.ModelRequest.FromString,
                     response_serializer=deltamask_dot_v1_dot_coordinator__pb2.Chunk.SerializeToString,
+            ),
+            'RevokeDevice': grpc.unary_unary_rpc_method_handler(
+                    servicer.RevokeDevice,
+                    request_deserializer=deltamask_dot_v1_dot_coordinator__pb2.RevokeRequest.FromString,
+                    response_serializer=deltamask_dot_v1_dot_coordinator__pb2.RevokeReply.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -442,6 +460,33 @@ class Coordinator(object):
             '/deltamask.v1.Coordinator/FetchModel',
             deltamask_dot_v1_dot_coordinator__pb2.ModelRequest.SerializeToString,
             deltamask_dot_v1_dot_coordinator__pb2.Chunk.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def RevokeDevice(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/deltamask.v1.Coordinator/RevokeDevice',
+            deltamask_dot_v1_dot_coordinator__pb2.RevokeRequest.SerializeToString,
+            deltamask_dot_v1_dot_coordinator__pb2.RevokeReply.FromString,
             options,
             channel_credentials,
             insecure,
