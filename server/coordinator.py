@@ -106,6 +106,7 @@ class Device:
     credential_seen: bool = False  # it has called with its credential (so it holds it)
     last_seen: float = 0.0  # the last call from it (any RPC: heartbeats, long polls, uploads)
     ready: bool = False  # it has asked for work since it registered (it is not still loading its model)
+    revoked: bool = False  # the operator took its seat (Coordinator.revoke): refused until enrolled anew
 
 
 @dataclass(frozen=True)
@@ -199,7 +200,8 @@ class Coordinator:
                 raise ValueError(f"state in {s.folder} is for {key} = {stored}, this configuration has {value}; "
                                  f"use another state_dir")
         for row in s.devices():
-            row["told_done"], row["credential_seen"] = bool(row["told_done"]), bool(row["credential_seen"])
+            for flag in ("told_done", "credential_seen", "revoked"):
+                row[flag] = bool(row[flag])
             self.devices[row["device_id"]] = Device(**row)
         rows = s.rounds()
         finished = [r for r in rows if r["state"] != "open"]
@@ -314,10 +316,10 @@ class Coordinator:
                                                f"or enroll with a token made for this name "
                                                f"(deltamask-server token --name)")
                 if existing is not None:
-                    db.execute("UPDATE devices SET credential_sha256 = ?, enrolled_with = ?, credential_seen = 0 "
-                               "WHERE device_id = ?", (digest(credential), token_id, device_id))
+                    db.execute("UPDATE devices SET credential_sha256 = ?, enrolled_with = ?, credential_seen = 0, "
+                               "revoked = 0 WHERE device_id = ?", (digest(credential), token_id, device_id))
                 else:
-                    db.execute("INSERT INTO devices VALUES (?, ?, ?, ?, ?, ?, ?, 0, ?, 0)",
+                    db.execute("INSERT INTO devices VALUES (?, ?, ?, ?, ?, ?, ?, 0, ?, 0, 0)",
                                (device_id, name, kind, int(memory_bytes), codec, time.time(), digest(credential),
                                 token_id))
                 if row[3] is not None and not retry:
@@ -325,7 +327,7 @@ class Coordinator:
             with self.lock:
                 if existing is not None:
                     existing.credential_sha256, existing.ready = digest(credential), False
-                    existing.enrolled_with, existing.credential_seen = token_id, False
+                    existing.enrolled_with, existing.credential_seen, existing.revoked = token_id, False, False
                     existing.last_seen = self.clock()
                     device = existing
                 else:
@@ -338,19 +340,21 @@ class Coordinator:
 
     def revoke(self, name: str) -> Tuple[Device, bool]:
         """Take `name`'s seat (a lost or stolen board): its credential stops working at once and after a
-        restart, it is not selected again, a fleet token cannot enroll the name again and its enrollment cannot
-        be repeated; a token made for the name (deltamask-server token --name) enrolls it anew. What it uploaded
-        stays counted; an open round it was selected in closes without it (at its deadline, on min_quorum).
-        Returns the device and whether it had been revoked already."""
+        restart (a long poll it holds ends, an upload it is sending is refused), it is not selected again, the
+        tokens made for its name are spent, a fleet token cannot enroll the name again and its enrollment cannot
+        be repeated; a new token made for the name (deltamask-server token --name) enrolls it anew. What it
+        uploaded before stays counted; an open round it was selected in closes without it (at its deadline, on
+        min_quorum). Returns the device and whether it had been revoked already."""
         with self.enrolling:
             device = self._by_name(name)
             if device is None:
                 raise InvalidUpdate(f"no device is enrolled as {name!r}")
-            already = device.credential_sha256 is None
-            self.store.revoke_device(device.device_id)
+            already = device.revoked
+            self.store.revoke_device(device.device_id, name)
             with self.lock:
                 device.credential_sha256, device.enrolled_with, device.ready = None, None, False
-                self._changed()
+                device.revoked = True
+                self._changed(round_event=True)  # its long polls look again, and end
         log.warning("revoked %s (%s)%s", name, device.device_id, " again" if already else "")
         return device, already
 
@@ -366,9 +370,10 @@ class Coordinator:
         if device is None or not matches(credential, device.credential_sha256):
             raise Unauthenticated("unknown or replaced device credential: enroll again with a token")
         if not device.credential_seen:  # from now on its enrollment cannot be repeated (recorded by flush)
-            with self.lock:
-                device.credential_seen = True
-                self._seen_unsaved.add(device.device_id)
+            with self.lock:  # unless revoked or enrolled anew since the check above
+                if matches(credential, device.credential_sha256):
+                    device.credential_seen = True
+                    self._seen_unsaved.add(device.device_id)
         return device
 
     def authorize_operator(self, credential: str) -> None:
@@ -459,6 +464,7 @@ class Coordinator:
         decode_s = time.perf_counter() - started
         with self.work:
             with self.lock:
+                self._device(device_id)  # revoked while its upload was on the way: refused
                 if self._duplicate(round_index, device_id, sha):
                     return True
                 if self.open is not r or r.closing:
@@ -477,7 +483,7 @@ class Coordinator:
         with self.lock:
             return {"round": self.open.round if self.open else self.closed_rounds + 1,
                     "phase": DONE if self.done.is_set() else (self.open.phase if self.open else IDLE),
-                    "registered": len(self.devices), "online": len(self._online()),
+                    "registered": sum(not d.revoked for d in self.devices.values()), "online": len(self._online()),
                     "history": list(self.history)}
 
     def device_list(self) -> List[Dict]:
@@ -486,7 +492,7 @@ class Coordinator:
             online, now = set(self._online()), self.clock()
             return [{"device_id": d.device_id, "name": d.name, "kind": d.kind, "online": d.device_id in online,
                      "seen_s_ago": max(0.0, now - d.last_seen) if d.last_seen else -1.0, "codec": d.codec,
-                     "told_done": d.told_done, "revoked": d.credential_sha256 is None}
+                     "told_done": d.told_done, "revoked": d.revoked}
                     for d in sorted(self.devices.values(), key=lambda d: d.name)]
 
     def update_list(self, first_round: int = 0) -> List[Dict]:
@@ -518,7 +524,7 @@ class Coordinator:
         with self.lock:
             online = set(self._online())
             return all(d.told_done for d in self.devices.values()
-                       if self.done_at_start or d.device_id in online)
+                       if not d.revoked and (self.done_at_start or d.device_id in online))
 
     # --- rounds -------------------------------------------------------------------------------------
     def step(self) -> None:
@@ -721,6 +727,8 @@ class Coordinator:
         device = self.devices.get(device_id)
         if device is None:
             raise UnknownDevice(f"unknown device id {device_id!r}: enroll first")
+        if device.revoked:
+            raise Unauthenticated("this device was revoked by the operator: enroll again with a token for its name")
         return device
 
     def _by_name(self, name: str) -> Optional[Device]:
@@ -742,7 +750,8 @@ class Coordinator:
     def _online(self) -> List[str]:
         """Devices that may be sampled: ready, and heard from within two heartbeat intervals."""
         horizon = self.clock() - 2 * self.config.heartbeat_interval_s
-        return [d.device_id for d in self.devices.values() if d.ready and d.last_seen >= horizon]
+        return [d.device_id for d in self.devices.values()
+                if d.ready and not d.revoked and d.last_seen >= horizon]
 
     def _task(self, r: OpenRound) -> Task:
         if r.phase == HEAD:

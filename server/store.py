@@ -32,7 +32,7 @@ CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
 CREATE TABLE IF NOT EXISTS devices (
     device_id TEXT PRIMARY KEY, name TEXT UNIQUE NOT NULL, kind TEXT NOT NULL, memory_bytes INTEGER,
     codec TEXT, registered_at REAL NOT NULL, credential_sha256 TEXT, told_done INTEGER NOT NULL DEFAULT 0,
-    enrolled_with TEXT, credential_seen INTEGER NOT NULL DEFAULT 0);
+    enrolled_with TEXT, credential_seen INTEGER NOT NULL DEFAULT 0, revoked INTEGER NOT NULL DEFAULT 0);
 CREATE TABLE IF NOT EXISTS tokens (
     token_id TEXT PRIMARY KEY, secret_sha256 TEXT NOT NULL, name TEXT, expires_at REAL NOT NULL,
     uses_left INTEGER, created_at REAL NOT NULL);
@@ -95,8 +95,9 @@ class Store:
         self.db.executescript(SCHEMA)
         columns = {row[1] for row in self.db.execute("PRAGMA table_info(devices)")}
         for column, kind in (("credential_sha256", "TEXT"), ("told_done", "INTEGER NOT NULL DEFAULT 0"),
-                             ("enrolled_with", "TEXT"), ("credential_seen", "INTEGER NOT NULL DEFAULT 0")):
-            if column not in columns:  # state written before devices had credentials
+                             ("enrolled_with", "TEXT"), ("credential_seen", "INTEGER NOT NULL DEFAULT 0"),
+                             ("revoked", "INTEGER NOT NULL DEFAULT 0")):
+            if column not in columns:  # state written before devices had credentials (or could be revoked)
                 self.db.execute(f"ALTER TABLE devices ADD COLUMN {column} {kind}")
 
     def close(self) -> None:
@@ -114,12 +115,12 @@ class Store:
     # --- devices ------------------------------------------------------------------------------------
     def add_device(self, device_id: str, name: str, kind: str, memory_bytes: int, codec: str,
                    credential_sha256: Optional[str] = None) -> None:
-        self._write([("INSERT INTO devices VALUES (?, ?, ?, ?, ?, ?, ?, 0, NULL, 0)",
+        self._write([("INSERT INTO devices VALUES (?, ?, ?, ?, ?, ?, ?, 0, NULL, 0, 0)",
                       (device_id, name, kind, memory_bytes, codec, time.time(), credential_sha256))])
 
     def devices(self) -> List[Dict[str, Any]]:
         keys = ("device_id", "name", "kind", "memory_bytes", "codec", "credential_sha256", "told_done",
-                "enrolled_with", "credential_seen")
+                "enrolled_with", "credential_seen", "revoked")
         rows = self._all(f"SELECT {', '.join(keys)} FROM devices ORDER BY registered_at")
         return [dict(zip(keys, r)) for r in rows]
 
@@ -129,10 +130,12 @@ class Store:
                     [("UPDATE devices SET credential_seen = 1 WHERE device_id = ?", (i,)) for i in credential_seen])
 
     # --- enrollment ---------------------------------------------------------------------------------
-    def revoke_device(self, device_id: str) -> None:
-        """No credential and no enrollment to repeat: the device cannot call until a token made for its name."""
-        self._write([("UPDATE devices SET credential_sha256 = NULL, enrolled_with = NULL WHERE device_id = ?",
-                      (device_id,))])
+    def revoke_device(self, device_id: str, name: str) -> None:
+        """In one transaction: no credential, no enrollment to repeat, and every token made for the name spent;
+        the device cannot call until a new token made for its name enrolls it."""
+        self._write([("UPDATE devices SET credential_sha256 = NULL, enrolled_with = NULL, revoked = 1 "
+                      "WHERE device_id = ?", (device_id,)),
+                     ("UPDATE tokens SET uses_left = 0 WHERE name = ?", (name,))])
 
     def add_token(self, token_id: str, secret_sha256: str, name: Optional[str], expires_at: float,
                   uses: Optional[int]) -> None:

@@ -146,11 +146,14 @@ def test_an_enrollment_whose_reply_was_lost_is_repeated_with_its_token_until_the
     assert sorted(d.name for d in coordinator.devices.values()) == ["pi-1", "pi-2", "pi-3"]
 
 
-def test_a_revoked_device_is_refused_at_once_and_after_a_restart_until_a_token_for_its_name(tmp_path):
-    """A lost board: the operator revokes its name (RevokeDevice); its credential is refused from that call on and
-    after the coordinator restarts, neither the fleet token nor a repeat of its own enrollment brings it back,
-    and a token made for its name enrolls it anew. Only the operator may revoke."""
-    from server.coordinator import Coordinator
+def test_a_revoked_device_is_refused_at_once_and_after_a_restart_until_a_new_token_for_its_name(tmp_path):
+    """A lost board: the operator revokes its name (RevokeDevice). Its long poll ends UNAUTHENTICATED, it is not
+    selected again, an upload on the way is refused, its credential is refused before and after a restart;
+    neither the fleet token, nor a repeat of its own enrollment, nor an unspent token made for its name brings
+    it back; a new token for its name enrolls it anew. Only the operator may revoke."""
+    import threading
+
+    from server.coordinator import Coordinator, Unauthenticated
     from server.evaluation import model_facts
     from server.store import Store
     from tests.test_server_rpc import operator
@@ -158,44 +161,75 @@ def test_a_revoked_device_is_refused_at_once_and_after_a_restart_until_a_token_f
     coordinator, server, channel = start(tmp_path)
     stub = Keys().stub(channel)
     store = coordinator.store
-    fleet = issue_token(store, uses=None)
-    stub.keys.current = ""
-    lost = stub.Register(pb.RegisterRequest(name="pi-1", kind=pb.RPI4, enrollment_token=fleet))
-    stub.keys.current = ""
-    fresh = stub.Register(pb.RegisterRequest(name="pi-2", kind=pb.RPI4, enrollment_token=fleet))  # never calls
-    stub.keys.current = lost.credential
-    assert stub.Heartbeat(pb.HeartbeatRequest()).round == 0
-    admin = rpc.CoordinatorStub(channel)
+    fleet, reusable = issue_token(store, uses=None), issue_token(store, "pi-3", uses=None)
+    replies = {}
+    for name, token in (("pi-1", fleet), ("pi-2", fleet), ("pi-3", reusable), ("pi-4", fleet)):
+        stub.keys.current = ""
+        replies[name] = stub.Register(pb.RegisterRequest(name=name, kind=pb.RPI4, enrollment_token=token))
+    plain = rpc.CoordinatorStub(channel)
+
+    def as_(name):
+        return [("authorization", "Bearer " + replies[name].credential)]
+
     as_operator = [("authorization", "Bearer " + operator(coordinator))]
-    as_pi1 = [("authorization", "Bearer " + lost.credential)]
-    assert code_of(lambda: admin.RevokeDevice(pb.RevokeRequest(name="pi-2"), metadata=as_pi1)) == UNAUTHENTICATED
-    for name, reply in (("pi-1", lost), ("pi-2", fresh)):
-        revoked = admin.RevokeDevice(pb.RevokeRequest(name=name), metadata=as_operator)
-        assert (revoked.device_id, revoked.was_revoked) == (reply.device_id, False)
-    assert admin.RevokeDevice(pb.RevokeRequest(name="pi-1"), metadata=as_operator).was_revoked  # twice: no change
-    assert code_of(lambda: admin.RevokeDevice(pb.RevokeRequest(name="pi-9"), metadata=as_operator)) \
+    polled = {}
+
+    def long_poll():  # pi-1 waits for work (which makes it ready) while it is revoked
+        polled["code"] = code_of(lambda: plain.GetTask(pb.TaskRequest(wait_s=60), metadata=as_("pi-1"), timeout=90))
+
+    poll = threading.Thread(target=long_poll)
+    poll.start()
+    while not coordinator._by_name("pi-1").ready:
+        poll.join(0.01)
+    assert code_of(lambda: plain.RevokeDevice(pb.RevokeRequest(name="pi-2"), metadata=as_("pi-1"))) \
+        == UNAUTHENTICATED
+    for name in ("pi-1", "pi-2", "pi-3"):  # pi-2 never called: its enrollment could have been repeated
+        revoked = plain.RevokeDevice(pb.RevokeRequest(name=name), metadata=as_operator)
+        assert (revoked.device_id, revoked.was_revoked) == (replies[name].device_id, False)
+    poll.join(30)
+    assert polled == {"code": UNAUTHENTICATED}
+    assert plain.RevokeDevice(pb.RevokeRequest(name="pi-1"), metadata=as_operator).was_revoked  # twice: no change
+    assert code_of(lambda: plain.RevokeDevice(pb.RevokeRequest(name="pi-9"), metadata=as_operator)) \
         == grpc.StatusCode.INVALID_ARGUMENT
-    listed = admin.ListDevices(pb.DevicesRequest(), metadata=as_operator).devices
-    assert [(d.name, d.revoked) for d in listed] == [("pi-1", True), ("pi-2", True)]
-    assert code_of(lambda: stub.Heartbeat(pb.HeartbeatRequest())) == UNAUTHENTICATED
-    stub.keys.current = fresh.credential
-    assert code_of(lambda: stub.Heartbeat(pb.HeartbeatRequest())) == UNAUTHENTICATED
-    stub.keys.current = ""
-    for name in ("pi-1", "pi-2"):  # pi-2's enrollment was never used: still no repeat after a revocation
-        request = pb.RegisterRequest(name=name, kind=pb.RPI4, enrollment_token=fleet)
-        assert code_of(lambda: stub.Register(request)) == PERMISSION_DENIED, name
+    listed = plain.ListDevices(pb.DevicesRequest(), metadata=as_operator).devices
+    assert [(d.name, d.revoked) for d in listed] == [("pi-1", True), ("pi-2", True), ("pi-3", True), ("pi-4", False)]
+    for name in ("pi-1", "pi-2", "pi-3"):
+        assert code_of(lambda: plain.Heartbeat(pb.HeartbeatRequest(), metadata=as_(name))) == UNAUTHENTICATED, name
+    for name, token in (("pi-2", fleet), ("pi-3", reusable)):
+        request = pb.RegisterRequest(name=name, kind=pb.RPI4, enrollment_token=token)
+        assert code_of(lambda: plain.Register(request)) in (PERMISSION_DENIED, UNAUTHENTICATED), name
+
+    # pi-1 was ready and is not counted: the head round asks pi-4 alone; pi-4, revoked while its upload
+    # is being decoded, is refused and the round stays without it
+    assert plain.GetTask(pb.TaskRequest(wait_s=0), metadata=as_("pi-4")).phase == pb.IDLE
+    coordinator.step()
+    pi4 = replies["pi-4"].device_id
+    assert coordinator.open is not None and coordinator.open.selected == [pi4]
+    check = coordinator._check
+
+    def revoked_meanwhile(*args):
+        coordinator.revoke("pi-4")
+        return check(*args)
+
+    coordinator._check = revoked_meanwhile
+    head = encode_head(np.zeros((coordinator.config.num_classes, coordinator.facts.feature_dim)),
+                       np.zeros(coordinator.config.num_classes))
+    with pytest.raises(Unauthenticated, match="revoked"):
+        coordinator.submit(pi4, 0, head, "", {"num_examples": 10})
+    assert coordinator.open.received == {} and store.updates(0) == []
     channel.close()
     server.stop(0)
     store.close()
 
     again = Coordinator(coordinator.config, model_facts(coordinator.config), Store(coordinator.config.state_dir))
     try:
-        for credential in (lost.credential, fresh.credential):
-            with pytest.raises(Exception, match="unknown or replaced device credential"):
-                again.authenticate(credential)
+        for reply in replies.values():
+            with pytest.raises(Unauthenticated):
+                again.authenticate(reply.credential)
         board, credential = again.enroll(issue_token(again.store, "pi-1"), "pi-1", "rpi4", 4 << 30, "")
-        assert board.device_id == lost.device_id and again.authenticate(credential) is board
-        assert [d["revoked"] for d in again.device_list()] == [False, True]
+        assert board.device_id == replies["pi-1"].device_id and again.authenticate(credential) is board
+        assert [d["revoked"] for d in again.device_list()] == [False, True, True, True]
+        assert again.status()["registered"] == 1
     finally:
         again.store.close()
 

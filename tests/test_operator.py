@@ -197,8 +197,8 @@ def test_ctl_export_builds_the_file_deltamask_server_export_writes(fleet, tmp_pa
 
 
 def test_ctl_revoke_takes_a_devices_seat_and_devices_shows_it(fleet):
-    """A lost board: `deltamask-ctl revoke NAME` refuses its credential from then on, `devices` says so, and
-    the fleet token cannot enroll the name again. (Last in this module: it adds a device.)"""
+    """A lost board: `deltamask-ctl revoke NAME` refuses its credential from then on and `devices` says so
+    (tests/test_auth.py holds the rest of what a revocation does). Last in this module: it adds a device."""
     wait_for_mask_round(fleet)
     credential = {"secret": ""}
     stub = connect(f"localhost:{fleet['port']}", str(fleet["state"] / "tls" / "ca.pem"), lambda: credential["secret"])
@@ -212,10 +212,6 @@ def test_ctl_revoke_takes_a_devices_seat_and_devices_shows_it(fleet):
     with pytest.raises(grpc.RpcError) as refused:
         stub.Heartbeat(pb.HeartbeatRequest(), timeout=30)
     assert refused.value.code() == grpc.StatusCode.UNAUTHENTICATED
-    credential["secret"] = ""
-    with pytest.raises(grpc.RpcError) as again:
-        stub.Register(request, timeout=60)
-    assert again.value.code() == grpc.StatusCode.PERMISSION_DENIED
     code, out, _ = ctl(fleet, "--json", "devices")
     assert code == 0 and {d["name"]: d["revoked"] for d in json.loads(out)} == {"pi-1": False, "pi-lost": True}
     code, _, err = ctl(fleet, "revoke", "nobody")
