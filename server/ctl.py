@@ -13,7 +13,7 @@ the file `deltamask-server export` writes, away from the coordinator; needs torc
 weights), `energy` (joules per device and phase per round, from the measurements the devices sent with their updates: an
 INA219, INA3221 or RAPL meter on the device), `watch` (status and the last rounds, redrawn every
 --interval seconds), `plot` (PNG charts of accuracy, bits per parameter and joules per round), `revoke NAME`
-(the device's credential stops working at once; only a token made for its name enrolls it again). `--json`
+(the device's credential stops working at once; only a new token made for its name enrolls it again). `--json`
 prints JSON instead of tables. The operator credential is state_dir/operator.credential, written by the
 coordinator at its first start (mode 0600).
 """
