@@ -16,3 +16,7 @@ class DataError(DeltaMaskError, ValueError):
 
 class ModelError(DeltaMaskError, ValueError):
     """A backbone that cannot be built as asked: unknown backbone, missing weight file, bad split."""
+
+
+class CheckpointError(DeltaMaskError, ValueError):
+    """A run's checkpoint that cannot be resumed: damaged, or written by a run of another configuration."""

@@ -71,7 +71,51 @@ def test_clear_errors_for_bad_settings():
         list(run(SimConfig(**{**TINY, "clients": 400}), progress=False))
 
 
-def test_cli_prints_json_lines_and_a_clear_error():
+@pytest.mark.parametrize("head,codec", [("linear_probe", "exact-cond"), ("kaiming", "float32")])
+def test_a_run_killed_in_any_round_resumes_from_its_checkpoint_to_the_same_rows(tmp_path, monkeypatch, head, codec):
+    """Killed while round k runs, the same run with the same checkpoint gives the rows the uninterrupted run
+    gives from round k on (head, theta, accuracy); killed between printing a row and saving, it gives that row
+    again. A checkpoint of another configuration, or a damaged one, is refused with the reason."""
+    from deltamask.errors import CheckpointError
+    from deltamask.learn import sim
+
+    config = SimConfig(**{**TINY, "rounds": 4, "clients": 4, "rho": 0.5, "head": head, "codec": codec})
+    strip = lambda rows: [{k: v for k, v in r.items() if not k.endswith("_s")} for r in rows]  # noqa: E731
+    whole = strip(run(config, progress=False))
+    opened = sim.Federation.open
+    for kill in (1, 3):
+        def killed(self, plan, kill=kill):
+            if plan.index == kill:
+                raise KeyboardInterrupt
+            return opened(self, plan)
+
+        path = tmp_path / f"run-{kill}.npz"
+        rows = []
+        with monkeypatch.context() as m:
+            m.setattr(sim.Federation, "open", killed)
+            with pytest.raises(KeyboardInterrupt):
+                for row in run(config, progress=False, checkpoint=path):
+                    rows.append(row)
+        rows += list(run(config, progress=False, checkpoint=path))
+        assert strip(rows) == whole, kill
+        assert list(run(config, progress=False, checkpoint=path)) == []  # finished: nothing left to run
+    path = tmp_path / "between.npz"
+    taken = []
+    for row in run(config, progress=False, checkpoint=path):
+        taken.append(row)
+        if len(taken) == 3:
+            break  # the row is printed, the state after it not yet saved
+    again = list(run(config, progress=False, checkpoint=path))
+    assert strip(again[:1]) == strip(taken[-1:]) and strip(taken[:-1] + again) == whole
+    with pytest.raises(CheckpointError, match="rho"):
+        other = SimConfig(**{**TINY, "rounds": 4, "clients": 4, "rho": 1.0, "head": head, "codec": codec})
+        list(run(other, progress=False, checkpoint=tmp_path / "run-1.npz"))
+    (tmp_path / "bad.npz").write_bytes(b"not a checkpoint")
+    with pytest.raises(CheckpointError, match="not a checkpoint"):
+        list(run(config, progress=False, checkpoint=tmp_path / "bad.npz"))
+
+
+def test_cli_prints_json_lines_and_a_clear_error(tmp_path):
     args = ["--backbone", "tiny", "--weights", "none", "--image-size", "16", "--dataset", "digits",
             "--train-samples", "0", "--test-samples", "0", "--clients", "2", "--rounds", "1", "--min-per-client", "5"]
     out = subprocess.run([sys.executable, "-m", "deltamask.learn.sim", *args], capture_output=True, text=True, cwd=ROOT)
@@ -82,6 +126,13 @@ def test_cli_prints_json_lines_and_a_clear_error():
                           str(ROOT / "no-such-folder")], capture_output=True, text=True, cwd=ROOT)
     assert bad.returncode == 2 and "error:" in bad.stderr and "Traceback" not in bad.stderr
     assert parse_args(["--weights", "none"])[0].weights is None
+    resumed = [sys.executable, "-m", "deltamask.learn.sim", *args, "--checkpoint", str(tmp_path / "run.npz")]
+    first = subprocess.run(resumed, capture_output=True, text=True, cwd=ROOT)
+    assert [json.loads(line).get("round") for line in first.stdout.splitlines()] == [None, 0, 1]
+    done = subprocess.run(resumed, capture_output=True, text=True, cwd=ROOT)  # finished: the config line alone
+    assert done.returncode == 0 and len(done.stdout.splitlines()) == 1 and "resuming at round 2" in done.stderr
+    other = subprocess.run(resumed + ["--seed", "7"], capture_output=True, text=True, cwd=ROOT)
+    assert other.returncode == 2 and "another configuration (seed differ)" in other.stderr
 
 
 @pytest.mark.parametrize("plain", ["exact", "bfuse8"])

@@ -2,6 +2,7 @@
 as the coordinator and its agents (`deltamask.federation`, `deltamask.learn.learner`).
 
     deltamask-sim --rounds 20 --clients 10 --codec bfuse8            # one JSON line a round on stdout
+    deltamask-sim --rounds 60 ... --checkpoint run.npz >> run.jsonl  # stopped or killed: the same command resumes
 
 A loop over the rounds the policy plans: a head round asks devices for their head share (a linear probe,
 or FiT-LDA statistics) and the aggregator combines them into the frozen head; a mask round sends the
@@ -13,6 +14,7 @@ import argparse
 import dataclasses
 import json
 import logging
+import os
 import sys
 import time
 from dataclasses import dataclass
@@ -26,7 +28,7 @@ from deltamask.codecs import WEIGHTS
 from deltamask.codecs import decode as decode_payload
 from deltamask.codecs import get_codec
 from deltamask.codecs.conditional import undecided
-from deltamask.errors import DataError, DeltaMaskError
+from deltamask.errors import CheckpointError, DataError, DeltaMaskError
 from deltamask.federation import (HEAD, THRESHOLD, Aggregator, LocalTraining, Policy, device_task, head_bits,
                                   plan_round)
 from deltamask.headwire import encode_head
@@ -236,12 +238,12 @@ class Federation:
         return plan_round(self.config, index, self.heads_done, self.masks_done,
                           self.config.names() if eligible is None else eligible)
 
-    def rounds(self, progress=None) -> Iterator[Dict]:
-        """Every round the policy plans, one summary each; a seeded Kaiming head is scored first."""
-        first = self.start()
+    def rounds(self, progress=None, index: int = 0, fresh: bool = True) -> Iterator[Dict]:
+        """Every round the policy plans from round `index` on, one summary each; a fresh run (not one resumed
+        by `restore`) scores a seeded Kaiming head first."""
+        first = self.start() if fresh else None
         if first is not None:
             yield first
-        index = 0
         while (plan := self.plan(index)) is not None:
             work = self.open(plan)
             started = time.perf_counter()
@@ -249,6 +251,57 @@ class Federation:
                                       progress=None if plan.phase == HEAD else progress)
             yield self.close(plan, work, replies, time.perf_counter() - started)
             index += 1
+
+    # --- a long run's checkpoint: what the next round needs; every seed derives from the federation seed and
+    # the round index, and a device keeps nothing from one round to the next, so a resumed run gives the rows
+    # the uninterrupted one would have given
+    def save(self, path: Path, next_index: int) -> None:
+        """The aggregator's state and the progress, written to `path` atomically (the old file or the new one)."""
+        a = self.agg
+        meta = {"config": _plain(dataclasses.asdict(self.config)), "next_index": next_index,
+                "heads_done": self.heads_done, "masks_done": self.masks_done, "masks": a.counts.masks,
+                "head": a.head is not None, "offset": a._offset is not None}
+        empty = np.zeros(0, np.float32)
+        arrays = {"meta": np.frombuffer(json.dumps(meta).encode(), np.uint8), "ones": a.counts.ones,
+                  "wire": np.frombuffer(self.wire, np.uint8), "offset": empty if a._offset is None else a._offset,
+                  "head_weight": empty if a.head is None else a.head[0],
+                  "head_bias": empty if a.head is None else a.head[1]}
+        path = Path(path)
+        part = path.with_name(path.name + ".part")
+        with open(part, "wb") as f:
+            np.savez(f, **arrays)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(part, path)
+
+    def restore(self, path: Path) -> int:
+        """Load what `save` wrote; returns the index of the next round. CheckpointError when it was written for
+        another configuration (only `cache_dir` may differ) or is damaged."""
+        try:
+            with np.load(path) as z:
+                meta = json.loads(bytes(z["meta"]).decode())
+                arrays = {key: z[key] for key in ("ones", "wire", "offset", "head_weight", "head_bias")}
+        except (OSError, KeyError, ValueError) as exc:
+            raise CheckpointError(f"{path}: not a checkpoint deltamask-sim wrote ({exc})") from None
+        ours = _plain(dataclasses.asdict(self.config))
+        differ = sorted(k for k in set(ours) | set(meta["config"])
+                        if k != "cache_dir" and ours.get(k) != meta["config"].get(k))
+        if differ:
+            raise CheckpointError(f"{path} is a run of another configuration ({', '.join(differ)} differ): "
+                             f"give the same arguments, or another --checkpoint")
+        a = self.agg
+        if len(arrays["ones"]) != self.d:
+            raise CheckpointError(f"{path}: counts of {len(arrays['ones'])} positions, this model has d = {self.d}")
+        a.counts.ones[:] = arrays["ones"]
+        a.counts.masks = meta["masks"]
+        self.wire = arrays["wire"].tobytes()
+        a.thresholds = decode_theta(self.wire, self.d)
+        if meta["head"]:
+            a.head = arrays["head_weight"], arrays["head_bias"]
+        if meta["offset"]:
+            a._offset = arrays["offset"]
+        self.heads_done, self.masks_done = meta["heads_done"], meta["masks_done"]
+        return meta["next_index"]
 
     def open(self, plan) -> Work:
         c = self.config
@@ -358,22 +411,35 @@ def ideal_mask_bits(mask: np.ndarray, thresholds: np.ndarray) -> Dict[str, float
     return {"entropy_bits": entropy, "cross_entropy_bits": cross}
 
 
-def run(config: SimConfig, progress: bool = True, fleet=None) -> Iterator[Dict]:
+def run(config: SimConfig, progress: bool = True, fleet=None, checkpoint: Optional[Path] = None) -> Iterator[Dict]:
     """Yield one dict a round: the head phase, then `config.rounds` mask rounds. `fleet`: who trains the selected
-    devices (a RayFleet; in this process by default)."""
+    devices (a RayFleet; in this process by default). `checkpoint`: a file the state is saved to after each round
+    (once the round's row is taken) and resumed from when it exists."""
     fed = Federation(config, fleet)
     log.info("d = %d masked parameters; prefix outputs computed once in %.1f s", fed.d, fed.prefix_s)
     from deltamask.federation import clients_per_round
 
-    bar = _progress(config.rounds * clients_per_round(config.rho, config.clients, config.min_quorum), progress)
-    first = True
-    for row in fed.rounds(progress=bar.update if bar else None):
+    index, fresh = 0, checkpoint is None or not Path(checkpoint).exists()
+    if not fresh:
+        index = fed.restore(checkpoint)
+        log.info("resuming at round %d from %s (%d mask rounds done)", index, checkpoint, fed.masks_done)
+    left = max(0, config.rounds - fed.masks_done)
+    bar = _progress(left * clients_per_round(config.rho, config.clients, config.min_quorum), progress)
+    first = fresh
+    for row in fed.rounds(progress=bar.update if bar else None, index=index, fresh=fresh):
         if first:
             row = {**row, "d": fed.d, "prefix_s": round(fed.prefix_s, 3)}
             first = False
         yield row
+        if checkpoint is not None:  # after the row is taken: a crash in between repeats the round, loses none
+            fed.save(checkpoint, row["round"] + 1)
     if bar:
         bar.close()
+
+
+def _plain(value):
+    """A configuration as JSON gives it back (tuples as lists), to compare a checkpoint's with ours."""
+    return json.loads(json.dumps(value))
 
 
 def _sha(data: bytes) -> str:
@@ -403,6 +469,9 @@ def parse_args(argv: Optional[List[str]] = None) -> Tuple[SimConfig, argparse.Na
                         help="train the selected devices on this many Ray actors (one CPU each; needs deltamask[ray]); "
                              "0: one after another in this process")
     parser.add_argument("--ray-address", default=None, help="a Ray cluster to use (e.g. auto); default: a local Ray")
+    parser.add_argument("--checkpoint", type=Path, default=None,
+                        help="save the federation's state here after every round, and resume from it when it exists "
+                             "(the same arguments; append the output: >> run.jsonl)")
     defaults = SimConfig()
     fields = [f for f in dataclasses.fields(SimConfig) if f.name != "local"] + list(dataclasses.fields(LocalTraining))
     for f in fields:
@@ -412,7 +481,8 @@ def parse_args(argv: Optional[List[str]] = None) -> Tuple[SimConfig, argparse.Na
     args = vars(parser.parse_args(argv))
     if args["weights"] in ("none", "None", ""):
         args["weights"] = None
-    how = argparse.Namespace(ray_workers=args.pop("ray_workers"), ray_address=args.pop("ray_address"))
+    how = argparse.Namespace(ray_workers=args.pop("ray_workers"), ray_address=args.pop("ray_address"),
+                             checkpoint=args.pop("checkpoint"))
     if how.ray_workers < 0:
         raise ValueError(f"--ray-workers must be 0 or more, got {how.ray_workers}")
     local = LocalTraining(**{k: args.pop(k) for k in LOCAL_FLAGS})
@@ -435,9 +505,9 @@ def main(argv: Optional[List[str]] = None) -> int:
                 fleet = RayFleet(config, how.ray_workers, how.ray_address)
             except RuntimeError as exc:  # Ray not installed
                 raise DeltaMaskError(str(exc)) from None
-        for row in run(config, fleet=fleet):
+        for row in run(config, fleet=fleet, checkpoint=how.checkpoint):
             print(json.dumps(row), flush=True)
-    except DeltaMaskError as exc:  # a missing dataset or weight file, an empty client, no Ray
+    except DeltaMaskError as exc:  # a missing dataset or weight file, an empty client, no Ray, another checkpoint
         print(f"deltamask-sim: error: {exc}", file=sys.stderr)
         return 2
     finally:
