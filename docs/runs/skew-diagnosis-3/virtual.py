@@ -15,6 +15,9 @@ carry like FiT-LDA's -- and trains on the real and the shifted examples with the
     VIRTUAL=rescale ...               # x's spread rescaled to class c's too: m_c + (x - m_y) s_c / s_y, s per position
     REAL=local ...                    # the real examples' softmax over the device's own classes only
 
+A long run resumes with deltamask-sim's `--checkpoint FILE` (the same command, the same VIRTUAL: the checkpoint
+records the simulator's configuration, not this driver's variables).
+
 Run from the repository root. It computes the means in-process from every device's cached prefix outputs
 (their sum, as a federation would add the devices' shares) and replaces `deltamask.learn.training._fit`.
 """
