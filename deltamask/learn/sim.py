@@ -288,7 +288,7 @@ class Federation:
                         if k != "cache_dir" and ours.get(k) != meta["config"].get(k))
         if differ:
             raise CheckpointError(f"{path} is a run of another configuration ({', '.join(differ)} differ): "
-                             f"give the same arguments, or another --checkpoint")
+                                  f"give the same arguments, or another --checkpoint")
         a = self.agg
         if len(arrays["ones"]) != self.d:
             raise CheckpointError(f"{path}: counts of {len(arrays['ones'])} positions, this model has d = {self.d}")
