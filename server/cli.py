@@ -4,7 +4,7 @@
     deltamask-server client-cert --config server.yaml --name pi-kitchen   # for mutual TLS (tls.client_ca)
     deltamask-server token    --config server.yaml [--name pi-kitchen] [--ttl 24h] [--uses 1]
     deltamask-server operator --config server.yaml    # the operator credential's file (GetStatus, admin calls)
-    deltamask-server export   --config server.yaml --out model.onnx [--format onnx|torch] [--mask sample|mode]
+    deltamask-server export   --config server.yaml --out model.onnx [--format onnx|torch] [--mask expected|sample|mode]
     deltamask-server [serve]  --config server.yaml    # one JSON line per closed round on stdout
 
 `serve` refuses to start without TLS unless the configuration says `insecure: true`. SIGTERM or Ctrl-C:
@@ -25,6 +25,7 @@ from typing import List, Optional
 from deltamask.errors import DeltaMaskError
 from deltamask.yamlconfig import ConfigError
 from server.config import load_config
+from server.export import MASKS
 
 log = logging.getLogger("deltamask.server")
 COMMANDS = ("serve", "tls", "client-cert", "token", "operator", "export")
@@ -58,9 +59,9 @@ def main(argv: Optional[List[str]] = None) -> int:
                                    help="enrollments it allows, 0 for any number until it expires (default 1)")
     commands["export"].add_argument("--out", required=True, help="the model file to write (model.onnx)")
     commands["export"].add_argument("--format", choices=("onnx", "torch"), default="onnx")
-    commands["export"].add_argument("--mask", choices=("sample", "mode"), default="sample",
-                                    help="sample: the seeded sample the last round was scored with (default); "
-                                         "mode: every weight with theta >= 1/2")
+    commands["export"].add_argument("--mask", choices=MASKS, default="expected",
+                                    help="expected: every masked weight times its theta (default); sample: the "
+                                         "seeded sample the last round was scored with; mode: theta >= 1/2")
     args = parser.parse_args(argv)
     logging.basicConfig(level=args.log_level.upper(), stream=sys.stderr,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")

@@ -3,7 +3,7 @@
     deltamask-ctl --config server.yaml status         # address, CA and operator credential from the config
     deltamask-ctl --address coord:50051 --ca ca.pem --credential-file operator.credential devices
     deltamask-ctl --config server.yaml rounds | energy | watch [--interval 2] | plot --out charts/
-    deltamask-ctl --config server.yaml export --out model.onnx [--format onnx|torch] [--mask sample|mode]
+    deltamask-ctl --config server.yaml export --out model.onnx [--format onnx|torch] [--mask expected|sample|mode]
     deltamask-ctl --config server.yaml revoke rpi4-kitchen   # a lost or stolen board: its credential stops working
 
 Commands: `status` (round, phase, devices registered and online), `devices` (name, kind, online, last seen),
@@ -27,6 +27,7 @@ from typing import Dict, List, Optional
 import grpc
 
 from deltamask.v1 import coordinator_pb2 as pb
+from server.export import MASKS
 
 PHASE_NAMES = {pb.IDLE: "idle", pb.HEAD: "head", pb.MASK: "mask", pb.DONE: "done"}
 
@@ -186,7 +187,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     model = sub.add_parser("export")
     model.add_argument("--out", type=Path, required=True, help="the model file to write (model.onnx)")
     model.add_argument("--format", choices=("onnx", "torch"), default="onnx")
-    model.add_argument("--mask", choices=("sample", "mode"), default="sample")
+    model.add_argument("--mask", choices=MASKS, default="expected", help="as deltamask-server export's")
     model.add_argument("--weights", default="default", help="the backbone's pretrained weights here (default: "
                                                             "its offline copy)")
     sub.add_parser("revoke").add_argument("name", help="the device's enrolled name (deltamask-ctl devices)")

@@ -1,13 +1,15 @@
 """The model a federation leaves behind: the pretrained backbone with the final mask applied, and the head, as
 one file that carries its preprocessing.
 
-    deltamask-server export --config server.yaml --out model.onnx [--format onnx|torch] [--mask sample|mode]
+    deltamask-server export --config server.yaml --out model.onnx [--format onnx|torch] [--mask expected|sample|mode]
     deltamask-predict model.onnx shirt.png boot.jpg            # classes and scores (deltamask/predict.py)
 
-Which mask: `sample` (default) is the seeded sample of the final theta that the coordinator scored after its
-last mask round (`eval_seed` of that round: the paper's evaluation, and the accuracy the round reported);
-`mode` keeps every weight whose theta is at least 1/2 (deterministic; docs/results.md compares the two).
-The weights are baked: w * m for every masked weight, so the file is a plain network.
+Which mask: `expected` (default) scales every masked weight by its theta, w * theta: the mean of the
+federation's stochastic mask, deterministic, and level with a sample or ahead of it in the engine's runs in
+docs/results.md (the coordinator scores it after every mask round as `accuracy_expected`); `sample` is the seeded
+sample of the final theta that the coordinator scored (`eval_seed` of that round: the paper's evaluation, the
+round's `accuracy`); `mode` keeps every weight whose theta is at least 1/2 (`accuracy_mode`). The weights are
+baked: w * m for every masked weight, so the file is a plain network of the backbone's size.
 
     onnx   an ONNX graph (opset 17): input "images" float32 (N, C, S, S) already preprocessed, output "logits"
            (N, classes); metadata_props["deltamask"] holds the JSON below.
@@ -15,7 +17,8 @@ The weights are baked: w * m for every masked weight, so the file is a plain net
 
 The JSON: backbone, blocks, image_size, channels, mean, std (preprocessing: scale to [0, 1], grayscale
 repeated to 3 channels or colour to luma, resize to S x S bilinear, normalise per channel), class_names,
-mask, round, theta_sha256, head_sha256, and the accuracy the coordinator reported for that round.
+mask, round, theta_sha256, head_sha256, and the accuracy the coordinator reported for that round with that mask
+(null when the coordinator does not evaluate).
 """
 import json
 import struct
@@ -31,7 +34,9 @@ from deltamask.sampling import sample_mask, thresholds_to_theta
 from deltamask.thetawire import decode_theta, theta_digest
 from deltamask.transfer import sha256_hex
 
-FORMATS, MASKS = ("onnx", "torch"), ("sample", "mode")
+FORMATS, MASKS = ("onnx", "torch"), ("expected", "sample", "mode")
+# the key of the coordinator's round summary that scored each mask (deltamask.learn.learner.Evaluator)
+SCORED_AS = {"expected": "accuracy_expected", "sample": "accuracy", "mode": "accuracy_mode"}
 
 
 def final_state(config, facts) -> Dict:
@@ -54,7 +59,9 @@ def final_state(config, facts) -> Dict:
     info = {"backbone": config.backbone, "blocks": config.blocks, "image_size": config.image_size,
             "num_classes": config.num_classes, "feature_dim": facts.feature_dim, "d": facts.d,
             "theta0": config.theta0, "class_names": class_names(config), "round": last["round"],
-            "seed": last["seed"], "accuracy": last["summary"].get("accuracy"), "theta_sha256": theta_digest(wire),
+            "seed": last["seed"], "accuracy": last["summary"].get("accuracy"),
+            "accuracies": {m: last["summary"].get(key) for m, key in SCORED_AS.items()},
+            "theta_sha256": theta_digest(wire),
             "head_sha256": sha256_hex(head_wire)}
     return {"info": info, "head_wire": head_wire, "wire": wire}
 
@@ -93,7 +100,8 @@ def final_mask(state: Dict, mask: str) -> np.ndarray:
     thresholds = decode_theta(state["wire"], state["info"]["d"])
     if mask == "sample":
         return sample_mask(thresholds, eval_seed(state["info"]["seed"]))
-    return thresholds_to_theta(thresholds) >= 0.5
+    theta = thresholds_to_theta(thresholds)
+    return theta if mask == "expected" else theta >= 0.5
 
 
 def network(state: Dict, mask: str, weights: Optional[str] = "default"):
@@ -107,19 +115,23 @@ def network(state: Dict, mask: str, weights: Optional[str] = "default"):
     if model.d != i["d"]:
         raise ValueError(f"{i['backbone']} here masks d = {model.d} weights, the release {i['d']}")
     model.set_head(decode_head(state["head_wire"], i["num_classes"], i["feature_dim"]))
-    masked = model.masks.bake(final_mask(state, mask))
+    chosen = final_mask(state, mask)
+    if mask == "expected":  # the very factor the evaluator's expected mask multiplies by: sigmoid(logit(theta))
+        model.masks.set_theta(chosen)
+        chosen = model.masks.theta()
+    masked = model.masks.bake(chosen)
     net = nn.Sequential(model.backbone.prefix, masked, model.head).eval()
     for p in net.parameters():
         p.requires_grad_(False)
     return net, model.backbone.preprocessing
 
 
-def export(config, facts, out: Path, fmt: str = "onnx", mask: str = "sample") -> Dict:
+def export(config, facts, out: Path, fmt: str = "onnx", mask: str = "expected") -> Dict:
     """Write the coordinator's model to `out`; returns its metadata."""
     return write_model(final_state(config, facts), out, fmt, mask, config.weights)
 
 
-def write_model(state: Dict, out: Path, fmt: str = "onnx", mask: str = "sample",
+def write_model(state: Dict, out: Path, fmt: str = "onnx", mask: str = "expected",
                 weights: Optional[str] = "default") -> Dict:
     """The model of a final state (or an unpacked release) as one file; returns its metadata."""
     import torch
@@ -133,7 +145,7 @@ def write_model(state: Dict, out: Path, fmt: str = "onnx", mask: str = "sample",
     meta = {"backbone": i["backbone"], "blocks": i["blocks"], "image_size": pre.size, "channels": pre.channels,
             "mean": list(pre.mean), "std": list(pre.std), "class_names": i["class_names"], "mask": mask,
             "round": i["round"], "theta_sha256": i["theta_sha256"], "head_sha256": i["head_sha256"],
-            "accuracy": i["accuracy"]}
+            "accuracy": i.get("accuracies", {}).get(mask, i["accuracy"] if mask == "sample" else None)}
     example = torch.zeros(1, pre.channels, pre.size, pre.size)
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -168,5 +180,5 @@ def class_names(config) -> list:
     return [str(i) for i in range(config.num_classes)]
 
 
-__all__ = ["FORMATS", "MASKS", "class_names", "export", "final_mask", "final_state", "network", "pack_release",
-           "unpack_release", "write_model"]
+__all__ = ["FORMATS", "MASKS", "SCORED_AS", "class_names", "export", "final_mask", "final_state", "network",
+           "pack_release", "unpack_release", "write_model"]

@@ -1,6 +1,7 @@
 """The model users take home: a coordinator runs a head round and two mask rounds on the tiny backbone with
 real learners and held-out evaluation; `deltamask-server export` writes ONNX and TorchScript files whose
-outputs match the torch network, whose accuracy equals what the coordinator reported for the last round, and
+outputs match the torch network, whose accuracy equals what the coordinator reported for the last round with
+the same mask (expected, sampled or mode), and
 which `deltamask-predict` runs on image files."""
 import json
 import subprocess
@@ -101,10 +102,17 @@ def test_the_exported_model_matches_torch_and_scores_what_the_coordinator_report
     torch_model = Predictor(str(script))
     assert torch_model.meta == meta
     assert np.allclose(torch_model.logits(inputs[:64]), expected, atol=1e-5)
-    # the deterministic mask (theta >= 1/2): another file, scored here for the record
-    assert export(config, facts, federation["folder"] / "mode.onnx", "onnx", "mode")["mask"] == "mode"
-    mode = Predictor(str(federation["folder"] / "mode.onnx"))
-    assert 0 < exported_accuracy(mode, inputs, data.labels[held]) <= 1
+    # the expected network w * theta (the default) and the deterministic mask theta >= 1/2: each file scores
+    # what the coordinator reported for that mask, and records that figure
+    for mask, key in (("expected", "accuracy_expected"), ("mode", "accuracy_mode")):
+        made = export(config, facts, federation["folder"] / f"{mask}.onnx", "onnx", mask)
+        assert made["mask"] == mask and made["accuracy"] == last[key] and made["theta_sha256"] == meta["theta_sha256"]
+        other = Predictor(str(federation["folder"] / f"{mask}.onnx"))
+        assert exported_accuracy(other, inputs, data.labels[held]) == pytest.approx(last[key], abs=1e-12)
+    # theta is not all decided after two rounds, so the expected network is another function than the sample
+    assert not np.allclose(Predictor(str(federation["folder"] / "expected.onnx")).logits(inputs[:64]), expected,
+                           atol=1e-4, rtol=1e-4)
+    assert export(config, facts, federation["folder"] / "default.onnx")["mask"] == "expected"
     # the evaluator scored these very inputs
     assert np.array_equal(score.labels.numpy(), data.labels[held])
 
@@ -116,7 +124,8 @@ def test_deltamask_server_export_and_deltamask_predict_from_the_command_line(fed
     run = subprocess.run([sys.executable, "-m", "server.cli", "export", "--config", str(federation["file"]),
                           "--out", str(folder / "cli.onnx")], cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert run.returncode == 0, run.stderr
-    assert json.loads(run.stdout)["round"] == federation["history"][-1]["round"]
+    printed = json.loads(run.stdout)
+    assert printed["round"] == federation["history"][-1]["round"] and printed["mask"] == "expected"
     data = load_dataset("digits", "test")
     paths = []
     for k in range(3):

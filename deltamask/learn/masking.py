@@ -145,8 +145,9 @@ class MaskedModule:
                 m.layer.weight.copy_(part.reshape(m.layer.weight.shape))
 
     def bake(self, mask: np.ndarray) -> nn.Module:
-        """Multiply the weights by a fixed 0/1 mask and put the plain layers back in place: the module is an
-        ordinary network again (export), and this MaskedModule is spent. Returns the module."""
+        """Multiply the weights by a fixed mask (0/1, or theta itself for the expected network) and put the plain
+        layers back in place: the module is an ordinary network again (export), and this MaskedModule is
+        spent. Returns the module."""
         self.set_weights(self.weights() * np.asarray(mask, dtype=np.float32))
         for name, masked in self.layers:
             _replace(self.module, name, masked.layer)
