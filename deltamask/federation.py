@@ -32,9 +32,11 @@ LINEAR_PROBE, LDA, KAIMING = "linear_probe", "lda", "kaiming"
 HEADS = (LINEAR_PROBE, LDA, KAIMING)
 SAMPLE, THRESHOLD = "sample", "threshold"
 MASK_RULES = (SAMPLE, THRESHOLD)
-CROSS_ENTROPY, LOCAL_CLASSES = "cross_entropy", "local_classes"
-LOSSES = (CROSS_ENTROPY, LOCAL_CLASSES)
-Head = Tuple[np.ndarray, np.ndarray]  # (weight (classes x features), bias (classes)), float32
+CROSS_ENTROPY, LOCAL_CLASSES, VIRTUAL_CLASSES = "cross_entropy", "local_classes", "virtual_classes"
+LOSSES = (CROSS_ENTROPY, LOCAL_CLASSES, VIRTUAL_CLASSES)
+# (weight (classes x features), bias (classes)), float32; with virtual_classes a third element, the anchors:
+# the federation's per-class means of the masked blocks' inputs (classes x P, NaN rows for classes nobody holds)
+Head = Tuple[np.ndarray, ...]
 
 
 @dataclass(frozen=True)
@@ -44,7 +46,10 @@ class LocalTraining:
     epochs: int = 1
     batch_size: int = 64
     lr: float = 0.1
-    loss: str = LOCAL_CLASSES  # softmax over the classes the device holds (label skew); or cross_entropy
+    # local_classes: softmax over the classes the device holds (label skew); cross_entropy: over every class;
+    # virtual_classes: every class, with a virtual example of a class the device lacks for each real one
+    # (x - m_y + m_c, m the head round's class means of the masked blocks' inputs; needs head: lda)
+    loss: str = LOCAL_CLASSES
     head_epochs: int = 20  # linear probing: local epochs a head round
     head_lr: float = 1e-3
     weight_lr: float = 1e-4  # the fine-tuning baselines (codec float32 / eden): Adam on the masked layers' weights
@@ -126,6 +131,8 @@ class Policy:
         if self.lambda0 <= 0:
             raise ValueError(f"lambda0 must be positive, got {self.lambda0}")
         self.local.check()
+        if self.local.loss == VIRTUAL_CLASSES and self.head != LDA:
+            raise ValueError("local.loss virtual_classes needs head: lda (its head round gathers the class means)")
 
     @property
     def head_phase_rounds(self) -> int:
@@ -223,8 +230,13 @@ def plan_round(policy: Policy, index: int, heads_done: int, masks_done: int,
 class Aggregator:
     """How the replies combine: the head phase, the Beta counts, theta and its wire message."""
 
-    def __init__(self, policy: Policy, d: int, num_classes: int, feature_dim: int) -> None:
+    def __init__(self, policy: Policy, d: int, num_classes: int, feature_dim: int, input_dim: int = 0) -> None:
+        """`input_dim`: numbers in one example of the masked blocks' inputs (needed by virtual_classes)."""
         self.policy, self.d, self.num_classes, self.feature_dim = policy, int(d), num_classes, feature_dim
+        self.input_dim = int(input_dim) if policy.local.loss == VIRTUAL_CLASSES else 0
+        if policy.local.loss == VIRTUAL_CLASSES and self.input_dim < 1:
+            raise ValueError("local.loss virtual_classes needs the size of the masked blocks' inputs (an image "
+                             "backbone)")
         self.counts = BetaCounts(self.d, policy.lambda0)
         self.thresholds = theta_to_thresholds(np.full(self.d, policy.theta0))
         self.head: Optional[Head] = kaiming_head(feature_dim, num_classes, policy.seed) \
@@ -236,7 +248,8 @@ class Aggregator:
         """A device's head-round reply, checked: a linear head, or LDA statistics (PayloadError if bad)."""
         p = self.policy
         if p.head == LDA:
-            return decode_lda_stats(payload, self.num_classes, self.feature_dim, p.lda_covariance, p.lda_rank)
+            return decode_lda_stats(payload, self.num_classes, self.feature_dim, p.lda_covariance, p.lda_rank,
+                                    self.input_dim)
         return decode_head(payload, self.num_classes, self.feature_dim, MAX_HEAD_ABS)
 
     def close_head(self, shares: Mapping[str, Tuple[object, float]], round_seed: int) -> Head:
@@ -251,7 +264,7 @@ class Aggregator:
             if p.lda_covariance == "projected":  # a head over P'x is the head W P' over x
                 rank = lda_width(self.feature_dim, p.lda_covariance, p.lda_rank)
                 weight = (weight.astype(np.float64) @ lda_projection(self.feature_dim, rank, round_seed).T)
-            self.head = weight.astype(np.float32), bias
+            self.head = (weight.astype(np.float32), bias) + ((class_anchors(stats),) if self.input_dim else ())
         else:
             self.head = average_heads([s for s, _ in ordered], weights)
         return self.head
@@ -309,7 +322,8 @@ def scale_stats(stats: LdaStats, factor: float) -> LdaStats:
     """LDA statistics weighted by `factor` (<= 1 shrinks a device's say; its means stay the same)."""
     if factor >= 1.0:
         return stats
-    return LdaStats(stats.sums * factor, stats.counts * factor, stats.second * factor)
+    inputs = None if stats.inputs is None else stats.inputs * factor
+    return LdaStats(stats.sums * factor, stats.counts * factor, stats.second * factor, inputs)
 
 
 def average_heads(heads: Sequence[Head], weights: Sequence[float]) -> Head:
@@ -320,6 +334,16 @@ def average_heads(heads: Sequence[Head], weights: Sequence[float]) -> Head:
     weight = sum(np.asarray(w, np.float64) * (n / total) for (w, _), n in zip(heads, weights))
     bias = sum(np.asarray(b, np.float64) * (n / total) for (_, b), n in zip(heads, weights))
     return weight.astype(np.float32), bias.astype(np.float32)
+
+
+def class_anchors(stats: Sequence[LdaStats]) -> np.ndarray:
+    """The federation's per-class means of the masked blocks' inputs from the devices' summed class sums
+    (float32, classes x P; a row of NaN for a class no device holds)."""
+    sums = sum(np.asarray(s.inputs, np.float64) for s in stats)
+    counts = sum(np.asarray(s.counts, np.float64) for s in stats)
+    means = sums / np.maximum(counts, 1e-12)[:, None]
+    means[counts <= 0] = np.nan
+    return means.astype(np.float32)
 
 
 def lda_head(stats: Sequence[LdaStats], shrinkage: float = 0.1) -> Head:
@@ -364,17 +388,19 @@ def kaiming_head(feature_dim: int, num_classes: int, seed: int = 0) -> Head:
     return weight, np.zeros(num_classes, dtype=np.float32)
 
 
-def head_bits(policy: Policy, num_classes: int, feature_dim: int) -> int:
-    """Bits one device uploads in a head round."""
-    from deltamask.headwire import head_nbytes, lda_stats_nbytes
+def head_bits(policy: Policy, num_classes: int, feature_dim: int, input_dim: int = 0) -> int:
+    """Bits one device uploads in a head round (`input_dim`: with virtual_classes, its class sums too)."""
+    from deltamask.headwire import class_block_nbytes, head_nbytes, lda_stats_nbytes
 
     if policy.head == LDA:
-        return 8 * lda_stats_nbytes(num_classes, feature_dim, policy.lda_covariance, policy.lda_rank)
+        extra = class_block_nbytes(num_classes, input_dim) if policy.local.loss == VIRTUAL_CLASSES else 0
+        return 8 * (lda_stats_nbytes(num_classes, feature_dim, policy.lda_covariance, policy.lda_rank) + extra)
     return 0 if policy.head == KAIMING else 8 * head_nbytes(num_classes, feature_dim)
 
 
 __all__ = ["Aggregator", "CROSS_ENTROPY", "HEAD", "HEADS", "Head", "KAIMING", "LDA", "LINEAR_PROBE",
-           "LOCAL_CLASSES", "LOSSES", "LocalTraining", "MASK", "MASK_RULES", "SAMPLE", "THRESHOLD", "DeviceTask", "Policy", "RoundPlan", "average_heads",
-           "bounded_weights", "clients_per_round", "derived_seed", "device_task", "eval_seed", "head_bits", "kaiming_head", "lda_head",
+           "LOCAL_CLASSES", "LOSSES", "LocalTraining", "MASK", "MASK_RULES", "SAMPLE", "THRESHOLD", "VIRTUAL_CLASSES",
+           "DeviceTask", "Policy", "RoundPlan", "average_heads", "bounded_weights", "class_anchors",
+           "clients_per_round", "derived_seed", "device_task", "eval_seed", "head_bits", "kaiming_head", "lda_head",
            "lda_projection", "plan_round",
            "scale_stats", "train_seed"]

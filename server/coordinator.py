@@ -86,11 +86,13 @@ class Conflict(CoordinatorError):
 
 @dataclass(frozen=True)
 class ModelFacts:
-    """What every device must agree on: d, the canonical layout digest, the feature size."""
+    """What every device must agree on: d, the canonical layout digest, the feature size (and, for
+    virtual_classes, the size of one example of the masked blocks' inputs)."""
 
     d: int
     layout_digest: str
     feature_dim: int
+    input_dim: int = 0
 
 
 @dataclass
@@ -156,7 +158,7 @@ class Coordinator:
         self.evaluate, self.on_round = evaluate, on_round
         self.metrics = None  # server.metrics.Metrics when metrics_listen is set: updates and rounds are counted
         self.d = facts.d
-        share = head_bits(config, config.num_classes, facts.feature_dim) // 8
+        share = head_bits(config, config.num_classes, facts.feature_dim, facts.input_dim) // 8
         self.max_upload_bytes = config.max_upload_bytes or max(self.d // 8, share) + (1 << 20)
         self.lock = threading.RLock()
         self.cond = threading.Condition(self.lock)
@@ -164,7 +166,7 @@ class Coordinator:
         self.enrolling = threading.Lock()
         self.listeners: List[Callable[[], None]] = []  # called (from any thread) after every state change
         self.devices: Dict[str, Device] = {}
-        self.agg = Aggregator(config, self.d, config.num_classes, facts.feature_dim)
+        self.agg = Aggregator(config, self.d, config.num_classes, facts.feature_dim, facts.input_dim)
         self.counts = self.agg.counts
         a = config.aggregation
         self.shards = None if a.executor == SERIAL else make_executor(a.executor, a.workers, a.address)
@@ -213,7 +215,8 @@ class Coordinator:
             loaded = recovery.load_checked(s, finished, self.d, self.config.num_classes, self.facts.feature_dim)
             if loaded.damaged:
                 log.warning("state: %s; rebuilding from the stored uploads", "; ".join(loaded.damaged))
-                loaded = recovery.rebuild(s, finished, self.config, self.d, self.facts.feature_dim, self._names())
+                loaded = recovery.rebuild(s, finished, self.config, self.d, self.facts.feature_dim, self._names(),
+                                          input_dim=self.facts.input_dim)
             if loaded.head is not None:
                 self.agg.head = loaded.head
             self.counts.ones[:] = loaded.ones

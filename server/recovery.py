@@ -111,10 +111,10 @@ def load_checked(store, finished: List[Dict], d: int, num_classes: int, feature_
 
 
 def rebuild(store, finished: List[Dict], policy: Policy, d: int, feature_dim: int, names: Dict[str, str],
-            write: bool = True) -> Loaded:
+            write: bool = True, input_dim: int = 0) -> Loaded:
     """Aggregate every finished round again from its stored uploads; check each theta and head against the
     digests recorded at close; with `write`, put the rebuilt files in place. StateError when they differ."""
-    agg = Aggregator(policy, d, policy.num_classes, feature_dim)
+    agg = Aggregator(policy, d, policy.num_classes, feature_dim, input_dim)
     for row in finished:
         summary, index = row["summary"] or {}, row["round"]
         if row["phase"] == HEAD:

@@ -6,7 +6,8 @@ from deltamask.aggregation import BetaCounts
 from deltamask.errors import PayloadError
 from deltamask.federation import (HEAD, MASK, Aggregator, LocalTraining, Policy, average_heads, clients_per_round,
                                   device_task, kaiming_head, lda_head, lda_projection, plan_round, train_seed)
-from deltamask.headwire import LdaStats, decode_lda_stats, encode_head, encode_lda_stats, lda_stats_nbytes
+from deltamask.headwire import (LdaStats, class_block_nbytes, decode_head, decode_lda_stats, encode_head,
+                                encode_lda_stats, lda_stats_nbytes)
 from deltamask.sampling import theta_to_thresholds
 
 NAMES = [f"dev-{i:02d}" for i in range(30)]
@@ -40,7 +41,8 @@ def test_head_phase_lengths_and_the_end_of_the_federation():
 
 
 @pytest.mark.parametrize("bad", [dict(head="svm"), dict(rho=0), dict(head_rho=1.5), dict(lda_covariance="lowrank"), dict(lda_rank=0),
-                                 dict(local=LocalTraining(loss="focal")), dict(theta0=1.0), dict(rounds=0)])
+                                 dict(local=LocalTraining(loss="focal")), dict(theta0=1.0), dict(rounds=0),
+                                 dict(head="linear_probe", local=LocalTraining(loss="virtual_classes"))])
 def test_a_bad_policy_is_refused_with_the_key_named(bad):
     with pytest.raises(ValueError, match=next(iter(bad)) if "local" not in bad else "loss"):
         Policy(**bad).check()
@@ -127,3 +129,50 @@ def test_the_kaiming_head_comes_from_the_seed_within_torchs_default_bound():
     assert np.array_equal(w, kaiming_head(100, 10, seed=3)[0]) and not np.array_equal(w, kaiming_head(100, 10, 4)[0])
     assert np.abs(w).max() <= 0.1 and np.abs(w).max() > 0.09 and not b.any()
     assert Aggregator(Policy(head="kaiming", seed=3), 10, 10, 100).head[0].tobytes() == w.tobytes()
+
+
+def test_virtual_classes_anchors_are_the_pooled_class_means_of_the_inputs_and_travel_with_the_head():
+    """virtual_classes: each device's LDA statistics carry its per-class sums of the masked blocks' inputs; the
+    aggregator's head carries the federation's class means of them (whatever the split), NaN for a class no
+    device holds; the wire keeps both, and a reply without the sums, or with the wrong width, is refused."""
+    policy = Policy(lda_covariance="full", local=LocalTraining(loss="virtual_classes"))
+    policy.check()
+    with pytest.raises(ValueError, match="size of the masked blocks' inputs"):
+        Aggregator(policy, 40, 4, 6)
+    x, y = gaussian(600, classes=3)  # class 3 is held by no device
+    rng = np.random.default_rng(5)
+    inputs = rng.normal(2, 1, (600, 12)) + y[:, None]  # what the masked blocks take: 12 numbers an example
+
+    def share(part):
+        s = stats(x[part], y[part], classes=4, covariance="full")
+        sums = np.zeros((4, 12))
+        np.add.at(sums, y[part], inputs[part])
+        return LdaStats(s.sums, s.counts, s.second, sums)
+
+    agg = Aggregator(policy, 40, 4, 6, input_dim=12)
+    parts = [np.arange(600)[i::3] for i in range(3)]
+    wire = [encode_lda_stats(share(p), "full") for p in parts]
+    assert len(wire[0]) == lda_stats_nbytes(4, 6, "full") + class_block_nbytes(4, 12)
+    head = agg.close_head({f"d{i}": (agg.decode_share(w), 200) for i, w in enumerate(wire)}, 0)
+    assert len(head) == 3
+    pooled = np.stack([inputs[y == c].mean(0) for c in range(3)])
+    assert np.allclose(head[2][:3], pooled, atol=1e-5) and np.isnan(head[2][3]).all()
+    whole = Aggregator(policy, 40, 4, 6, input_dim=12).close_head(
+        {"all": (decode_lda_stats(encode_lda_stats(share(np.arange(600)), "full"), 4, 6, "full", 0, 12), 600)}, 0)
+    assert np.allclose(whole[2][:3], head[2][:3], atol=1e-5)
+    down = encode_head(*head)
+    assert len(down) == 4 * (4 * 6 + 4) + class_block_nbytes(4, 12, anchors=True)
+    back = decode_head(down, 4, 6)
+    assert all(np.array_equal(a, b, equal_nan=True) for a, b in zip(back, head)) and len(back) == 3
+    assert len(decode_head(encode_head(*head[:2]), 4, 6)) == 2
+    plain = encode_lda_stats(stats(x, y, classes=4, covariance="full"), "full")
+    for bad, why in [(plain, "without the class sums"), (wire[0][:-4], "class block"),
+                     (encode_lda_stats(replace_inputs(share(parts[0]), np.zeros((4, 11))), "full"), "11 inputs")]:
+        with pytest.raises(PayloadError, match=why):
+            agg.decode_share(bad)
+    with pytest.raises(PayloadError):  # a device's own linear head never carries anchors
+        decode_head(down, 4, 6, limit=1e4)
+
+
+def replace_inputs(s, inputs):
+    return LdaStats(s.sums, s.counts, s.second, inputs)

@@ -15,6 +15,7 @@ import yaml
 
 from deltamask.aggregation import BetaCounts, reset_due
 from deltamask.codecs import decode
+from deltamask.headwire import lda_stats_nbytes
 from deltamask.rounds import rebuild_client_mask
 from deltamask.sampling import round_seed, theta_to_thresholds, thresholds_to_theta
 from deltamask.thetawire import decode_theta
@@ -210,14 +211,16 @@ def test_sigterm_stops_the_coordinator_and_a_restart_resumes_where_it_was(fleet)
                           reaggregate(f.folder / "state", f.config))
 
 
-def test_the_simulator_and_a_real_fleet_produce_identical_heads_and_theta_every_round(fleet, tmp_path):
+@pytest.mark.parametrize("loss", ["local_classes", "virtual_classes"])
+def test_the_simulator_and_a_real_fleet_produce_identical_heads_and_theta_every_round(fleet, tmp_path, loss):
     """Parity: one round policy, one aggregator, one local learner. The simulator (one process) and a
     coordinator process with 3 agent processes, same policy, data split and seeds, produce the same head
-    bytes after the head round and the same theta wire bytes after every mask round."""
+    bytes after the head round and the same theta wire bytes after every mask round. With virtual_classes
+    the head's bytes include the class anchors the agents train their virtual examples from."""
     from deltamask.learn.sim import client_name
 
     policy = dict(rounds=3, seed=5, rho=1.0, min_quorum=2, codec="exact", head="lda",
-                  local={"epochs": 1, "batch_size": 32, "lr": 0.1})
+                  local={"epochs": 1, "batch_size": 32, "lr": 0.1, "loss": loss})
     f = fleet(names="client-{:03d}", data={"seed": 5}, **policy)
     f.start_server()
     for i in range(3):
@@ -228,7 +231,7 @@ def test_the_simulator_and_a_real_fleet_produce_identical_heads_and_theta_every_
             "--train-samples", "0", "--test-samples", "200", "--clients", "3", "--min-per-client", "5",
             "--rounds", "3", "--seed", "5", "--rho", "1", "--min-quorum", "2", "--codec", "exact", "--head", "lda",
             "--lda-rank", "16",
-            "--epochs", "1", "--batch-size", "32", "--lr", "0.1"]
+            "--epochs", "1", "--batch-size", "32", "--lr", "0.1", "--loss", loss]
     out = subprocess.run([sys.executable, "-m", "deltamask.learn.sim", *args], capture_output=True, text=True,
                          cwd=ROOT, env=f.env, timeout=600)
     assert out.returncode == 0, out.stderr[-3000:]
@@ -239,3 +242,6 @@ def test_the_simulator_and_a_real_fleet_produce_identical_heads_and_theta_every_
     assert sim_rows[0]["head_sha256"] == fleet_rows[0]["head_sha256"]
     assert [r["theta_sha256"] for r in sim_rows[1:]] == [r["theta_sha256"] for r in fleet_rows[1:]]
     assert len({r["theta_sha256"] for r in sim_rows[1:]}) == 3  # theta moved every round
+    # the head round's uplink and downlink: the class block is there exactly with virtual_classes
+    lda_only = 8 * lda_stats_nbytes(10, 32, "projected", 16) / D
+    assert (sim_rows[0]["uplink_bpp"] > lda_only) == (loss == "virtual_classes")

@@ -71,15 +71,19 @@ def test_clear_errors_for_bad_settings():
         list(run(SimConfig(**{**TINY, "clients": 400}), progress=False))
 
 
-@pytest.mark.parametrize("head,codec", [("linear_probe", "exact-cond"), ("kaiming", "float32")])
-def test_a_run_killed_in_any_round_resumes_from_its_checkpoint_to_the_same_rows(tmp_path, monkeypatch, head, codec):
+@pytest.mark.parametrize("head,codec,loss", [("linear_probe", "exact-cond", "local_classes"),
+                                             ("kaiming", "float32", "local_classes"),
+                                             ("lda", "exact", "virtual_classes")])  # the head's anchors kept too
+def test_a_run_killed_in_any_round_resumes_from_its_checkpoint_to_the_same_rows(tmp_path, monkeypatch, head, codec,
+                                                                                 loss):
     """Killed while round k runs, the same run with the same checkpoint gives the rows the uninterrupted run
     gives from round k on (head, theta, accuracy); killed between printing a row and saving, it gives that row
     again. A checkpoint of another configuration, or a damaged one, is refused with the reason."""
     from deltamask.errors import CheckpointError
     from deltamask.learn import sim
 
-    config = SimConfig(**{**TINY, "rounds": 4, "clients": 4, "rho": 0.5, "head": head, "codec": codec})
+    config = SimConfig(**{**TINY, "rounds": 4, "clients": 4, "rho": 0.5, "head": head, "codec": codec,
+                          "local": LocalTraining(head_epochs=5, batch_size=32, loss=loss)})
     strip = lambda rows: [{k: v for k, v in r.items() if not k.endswith("_s")} for r in rows]  # noqa: E731
     whole = strip(run(config, progress=False))
     opened = sim.Federation.open

@@ -6,7 +6,7 @@ from torch import nn
 from deltamask.learn.models import load_backbone
 from deltamask.learn.prefix_cache import cache_key, load, run_prefix, save
 from deltamask.federation import LocalTraining, average_heads, lda_head
-from deltamask.learn.training import evaluate, lda_statistics, linear_probe, train_mask
+from deltamask.learn.training import class_sums, evaluate, lda_statistics, linear_probe, train_mask
 
 
 def gaussian_classes(n=600, dim=8, classes=3, seed=0):
@@ -63,6 +63,35 @@ def test_local_classes_loss_leaves_the_absent_classes_logits_alone():
     again = train_mask(net, masks, np.full(masks.d, 0.9), x, y, LocalTraining(batch_size=16, loss="local_classes"),
                        seed=3)
     assert np.array_equal(local, again)
+
+
+def test_virtual_classes_train_on_twins_of_the_classes_a_device_lacks_and_are_seeded():
+    """virtual_classes: a device holding classes 0 and 1 also trains on x - m_y + m_2 labelled 2 (class 3 is
+    held by no device: no twins of it). Its mask differs from the plain cross-entropy's, is the same for the
+    same seed, and moves with anchor 2."""
+    from deltamask.learn.masking import MaskedModule
+
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Linear(8, 8), nn.ReLU(), nn.Linear(8, 4))
+    masks = MaskedModule(net, theta0=0.9)
+    x, y = gaussian_classes(n=90, classes=3)
+    anchors = (torch.as_tensor(class_sums(x, y, 4)) / torch.bincount(y, minlength=4).clamp(min=1)[:, None]).numpy()
+    anchors[3] = np.nan
+    keep = y < 2
+    x, y = x[keep], y[keep]
+    local = LocalTraining(batch_size=16, loss="virtual_classes")
+    theta0 = np.full(masks.d, 0.9)
+    virtual = train_mask(net, masks, theta0, x, y, local, seed=3, anchors=anchors)
+    plain = train_mask(net, masks, theta0, x, y, LocalTraining(batch_size=16, loss="cross_entropy"), seed=3)
+    assert not np.allclose(virtual, plain)
+    assert np.array_equal(virtual, train_mask(net, masks, theta0, x, y, local, seed=3, anchors=anchors))
+    moved = anchors.copy()
+    moved[2] += 1.0
+    assert not np.array_equal(virtual, train_mask(net, masks, theta0, x, y, local, seed=3, anchors=moved))
+    with pytest.raises(ValueError, match="class anchors"):
+        train_mask(net, masks, theta0, x, y, local, seed=3)
+    with pytest.raises(ValueError, match="7 inputs"):
+        train_mask(net, masks, theta0, x, y, local, seed=3, anchors=anchors[:, :7])
 
 
 def test_prefix_cache_gives_the_backbone_outputs_and_round_trips_on_disk(tmp_path):

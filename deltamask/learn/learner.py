@@ -8,7 +8,7 @@ Also the held-out evaluation the simulator and the coordinator report.
 """
 import logging
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Callable, Dict, Optional
 
@@ -17,13 +17,13 @@ import torch
 from torch import nn
 
 from deltamask.codecs import WEIGHTS, get_codec
-from deltamask.federation import HEAD, LDA, THRESHOLD, DeviceTask, Head, lda_projection, train_seed
+from deltamask.federation import HEAD, LDA, THRESHOLD, VIRTUAL_CLASSES, DeviceTask, Head, lda_projection, train_seed
 from deltamask.headwire import encode_head, encode_lda_stats, lda_width
 from deltamask.learn.masking import FIXED, IDENTITY, MaskedModule
 from deltamask.learn import prefix_cache
 from deltamask.learn.prefix_cache import run_prefix
-from deltamask.learn.training import (Inputs, evaluate, features_of, lda_statistics, linear_probe, num_rows, train_mask,
-                                     train_weights)
+from deltamask.learn.training import (Inputs, class_sums, evaluate, features_of, lda_statistics, linear_probe,
+                                     num_rows, train_mask, train_weights)
 from deltamask.rounds import client_update
 from deltamask.sampling import sample_mask, thresholds_to_theta
 
@@ -79,6 +79,16 @@ class Model:
             prefix_cache.save(outputs, cache, key)
         return outputs
 
+    @property
+    def input_dim(self) -> int:
+        """Numbers in one example of the masked blocks' inputs (the prefix's output), 0 for a text backbone:
+        the width of the class anchors virtual_classes trains with."""
+        pre = self.backbone.preprocessing
+        if pre.kind != "image":
+            return 0
+        with torch.no_grad():
+            return int(self.backbone.prefix(torch.zeros(1, pre.channels, self.image_size, self.image_size)).numel())
+
     def set_head(self, head: Head) -> None:
         with torch.no_grad():
             self.head.weight.copy_(torch.from_numpy(np.asarray(head[0], np.float32)))
@@ -133,6 +143,8 @@ class LocalLearner:
                 projection = lda_projection(m.feature_dim, rank, task.seed)
                 features, covariance = features.double() @ torch.from_numpy(projection), "full"
             stats = lda_statistics(features, self.labels, m.num_classes, covariance)
+            if task.local.loss == VIRTUAL_CLASSES:  # and the class sums of the masked blocks' inputs
+                stats = replace(stats, inputs=class_sums(self.inputs, self.labels, m.num_classes))
             payload = encode_lda_stats(stats, task.lda_covariance)
         else:
             weight, bias = linear_probe(features, self.labels, m.num_classes, task.local.head_epochs,
@@ -147,7 +159,7 @@ class LocalLearner:
         m = self.model
         m.set_head(head)
         theta_k = train_mask(m.net, m.masks, thresholds_to_theta(thresholds), self.inputs, self.labels, task.local,
-                             train_seed(task.seed, name), progress)
+                             train_seed(task.seed, name), progress, head[2] if len(head) > 2 else None)
         started = time.perf_counter()
         upload = client_update(thresholds, theta_k, task.seed, name, task.kappa, get_codec(task.codec),
                                task.reference, task.ranking, task.tau if task.mask_rule == THRESHOLD else None)

@@ -29,8 +29,8 @@ from deltamask.codecs import decode as decode_payload
 from deltamask.codecs import get_codec
 from deltamask.codecs.conditional import undecided
 from deltamask.errors import CheckpointError, DataError, DeltaMaskError
-from deltamask.federation import (HEAD, THRESHOLD, Aggregator, LocalTraining, Policy, device_task, head_bits,
-                                  plan_round)
+from deltamask.federation import (HEAD, THRESHOLD, VIRTUAL_CLASSES, Aggregator, LocalTraining, Policy, device_task,
+                                  head_bits, plan_round)
 from deltamask.headwire import encode_head
 from deltamask.learn.masking import IDENTITY
 from deltamask.shards import RoundContext, Serial, aggregate
@@ -220,7 +220,8 @@ class Federation:
         self.fleet = fleet or InProcess(learners)  # who trains the selected devices: here, or Ray actors
         self.shards = shards or getattr(fleet, "shards", None) or Serial()  # who decodes and sums their uploads
         self.d = self.model.d
-        self.agg = Aggregator(c, self.d, num_classes, self.model.feature_dim)
+        self.agg = Aggregator(c, self.d, num_classes, self.model.feature_dim,
+                              self.model.input_dim if c.local.loss == VIRTUAL_CLASSES else 0)
         self.heads_done = self.masks_done = 0
         self.wire = self.agg.theta_wire()  # the global theta as it travels, encoded once a round
 
@@ -265,7 +266,8 @@ class Federation:
         arrays = {"meta": np.frombuffer(json.dumps(meta).encode(), np.uint8), "ones": a.counts.ones,
                   "wire": np.frombuffer(self.wire, np.uint8), "offset": empty if a._offset is None else a._offset,
                   "head_weight": empty if a.head is None else a.head[0],
-                  "head_bias": empty if a.head is None else a.head[1]}
+                  "head_bias": empty if a.head is None else a.head[1],
+                  "head_anchors": a.head[2] if a.head is not None and len(a.head) > 2 else empty}
         path = Path(path)
         part = path.with_name(path.name + ".part")
         with open(part, "wb") as f:
@@ -281,6 +283,7 @@ class Federation:
             with np.load(path) as z:
                 meta = json.loads(bytes(z["meta"]).decode())
                 arrays = {key: z[key] for key in ("ones", "wire", "offset", "head_weight", "head_bias")}
+                arrays["head_anchors"] = z["head_anchors"] if "head_anchors" in z.files else np.zeros(0, np.float32)
         except (OSError, KeyError, ValueError) as exc:
             raise CheckpointError(f"{path}: not a checkpoint deltamask-sim wrote ({exc})") from None
         ours = _plain(dataclasses.asdict(self.config))
@@ -297,7 +300,8 @@ class Federation:
         self.wire = arrays["wire"].tobytes()
         a.thresholds = decode_theta(self.wire, self.d)
         if meta["head"]:
-            a.head = arrays["head_weight"], arrays["head_bias"]
+            anchors = arrays["head_anchors"]
+            a.head = (arrays["head_weight"], arrays["head_bias"]) + ((anchors,) if anchors.size else ())
         if meta["offset"]:
             a._offset = arrays["offset"]
         self.heads_done, self.masks_done = meta["heads_done"], meta["masks_done"]
@@ -325,7 +329,7 @@ class Federation:
         shares = {name: (self.agg.decode_share(reply.payload), reply.examples) for name, (reply, _) in replies.items()}
         self.agg.close_head(shares, plan.seed)
         self.heads_done += 1
-        bits = head_bits(c, self.agg.num_classes, self.agg.feature_dim)
+        bits = head_bits(c, self.agg.num_classes, self.agg.feature_dim, self.agg.input_dim)
         return {"round": plan.index, "phase": HEAD, "head": c.head, "clients": len(plan.selected),
                 "uplink_bpp": bits / self.d, "downlink_bpp": downlink, "head_sha256": _sha(encode_head(*self.agg.head)),
                 **self.evaluate(self.agg.head), "time_s": round(seconds + time.perf_counter() - started, 3)}

@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from deltamask.federation import LOCAL_CLASSES, Head, LocalTraining
+from deltamask.federation import LOCAL_CLASSES, VIRTUAL_CLASSES, Head, LocalTraining
 from deltamask.headwire import LdaStats
 from deltamask.learn.masking import EXPECTED, FIXED, SAMPLE, MaskedModule
 
@@ -36,16 +36,18 @@ def batches(n: int, batch_size: int, generator: Optional[torch.Generator] = None
 
 def train_mask(net: nn.Module, masks: MaskedModule, theta_g: np.ndarray, inputs: Inputs, labels: torch.Tensor,
                local: LocalTraining = LocalTraining(), seed: int = 0,
-               progress: Optional[Callable[[int], None]] = None) -> np.ndarray:
+               progress: Optional[Callable[[int], None]] = None, anchors: Optional[np.ndarray] = None) -> np.ndarray:
     """Start the scores at theta_g, train them on (inputs, labels) with a freshly sampled mask per
     batch, and return theta_k (float32, length d). Only the scores change: frozen weights, the head
     and BatchNorm statistics are left as they were (`net` stays in eval mode). With
     `local.loss == "local_classes"` the softmax runs over the classes present in `labels` only, so that
-    a device holding two classes does not learn to silence the other eight (label skew)."""
+    a device holding two classes does not learn to silence the other eight (label skew). With
+    `local.loss == "virtual_classes"` the softmax runs over every class, and each batch brings as many virtual
+    examples of classes the device lacks (`anchors`: the head's class means of these inputs; see `_fit`)."""
     masks.set_theta(theta_g)
     masks.set_mode(SAMPLE)
     masks.generator.manual_seed(seed)
-    _fit(net, _adam(masks.scores(), local.lr), inputs, labels, local, seed, progress)
+    _fit(net, _adam(masks.scores(), local.lr), inputs, labels, local, seed, progress, anchors)
     return masks.theta()
 
 
@@ -69,25 +71,58 @@ def train_weights(net: nn.Module, masks: MaskedModule, inputs: Inputs, labels: t
 
 
 def _fit(net: nn.Module, optimizer: torch.optim.Optimizer, inputs: Inputs, labels: torch.Tensor,
-         local: LocalTraining, seed: int, progress: Optional[Callable[[int], None]]) -> None:
-    """`local.epochs` over (inputs, labels) in seeded batches, stepping `optimizer` on the local loss."""
+         local: LocalTraining, seed: int, progress: Optional[Callable[[int], None]],
+         anchors: Optional[np.ndarray] = None) -> None:
+    """`local.epochs` over (inputs, labels) in seeded batches, stepping `optimizer` on the local loss.
+
+    virtual_classes: a device that holds only some classes compares its features only among them, and what
+    its classes agree to prune costs the others (docs/results.md, label skew). So each real example x of
+    class y gets a virtual twin x - m_y + m_c of a class c the device lacks (drawn at random among those
+    some device holds; m: `anchors`, the federation's class means of the masked blocks' inputs), which passes
+    through the masked blocks like a real example, and the loss is the cross-entropy of both over every class."""
     if num_rows(inputs) == 0:
         raise ValueError("a client with no local data cannot train")
     net.eval()
     order = torch.Generator().manual_seed(seed)
-    absent = None
+    absent, virtual = None, local.loss == VIRTUAL_CLASSES
+    if virtual:
+        means, held, lacking = _virtual_classes(inputs, labels, anchors)
+        draw = torch.Generator().manual_seed(seed + 1)
     for _ in range(local.epochs):
         for index in batches(num_rows(inputs), local.batch_size, order):
             optimizer.zero_grad(set_to_none=True)
-            logits = net(take(inputs, index))
+            x, y = take(inputs, index), labels[index]
+            logits = net(x)
             if local.loss == LOCAL_CLASSES:
                 if absent is None:
                     absent = torch.bincount(labels, minlength=logits.shape[1]) == 0
                 logits = logits.masked_fill(absent, float("-inf"))
-            F.cross_entropy(logits, labels[index]).backward()
+            loss = F.cross_entropy(logits, y)
+            if virtual and len(lacking):
+                c = lacking[torch.randint(len(lacking), (len(y),), generator=draw)]
+                twin = held[y]  # an example of a class the head round did not see has no mean to move from
+                if bool(twin.any()):
+                    x, y, c = (x, y, c) if bool(twin.all()) else (x[twin], y[twin], c[twin])
+                    loss = loss + F.cross_entropy(net(x - means[y] + means[c]), c)
+            loss.backward()
             optimizer.step()
             if progress is not None:
                 progress(len(index))
+
+
+def _virtual_classes(inputs: Inputs, labels: torch.Tensor, anchors: Optional[np.ndarray]):
+    """(the class means shaped like one example's inputs, which classes some device holds, the classes the
+    device lacks among those)."""
+    if anchors is None:
+        raise ValueError("local.loss virtual_classes needs the head's class anchors (a head round with head: lda)")
+    if isinstance(inputs, tuple):
+        raise ValueError("local.loss virtual_classes takes image backbones (one input tensor per example)")
+    anchors = torch.from_numpy(np.asarray(anchors, np.float32))
+    if anchors.shape[1] != inputs[0].numel():
+        raise ValueError(f"class anchors of {anchors.shape[1]} inputs; the masked blocks take {inputs[0].numel()}")
+    held = torch.isfinite(anchors).all(1)
+    lacking = (held & (torch.bincount(labels, minlength=len(anchors)) == 0)).nonzero().flatten()
+    return torch.nan_to_num(anchors).view((len(anchors),) + tuple(inputs.shape[1:])), held, lacking
 
 
 def _adam(params, lr: float) -> torch.optim.Optimizer:
@@ -151,3 +186,12 @@ def lda_statistics(features: torch.Tensor, labels: torch.Tensor, num_classes: in
     counts = torch.bincount(labels, minlength=num_classes).double()
     second = (f * f).sum(0) if covariance == "diag" else f.T @ f
     return LdaStats(sums.numpy(), counts.numpy(), second.numpy())
+
+
+def class_sums(inputs: Inputs, labels: torch.Tensor, num_classes: int) -> np.ndarray:
+    """Per-class sums of the masked blocks' inputs, flattened (classes x P, float64): a device's share of the
+    class anchors virtual_classes trains with (`deltamask.federation.class_anchors` sums them)."""
+    if isinstance(inputs, tuple):
+        raise ValueError("local.loss virtual_classes takes image backbones (one input tensor per example)")
+    flat = inputs.reshape(len(inputs), -1).double()
+    return torch.zeros(num_classes, flat.shape[1], dtype=torch.float64).index_add_(0, labels, flat).numpy()
