@@ -22,8 +22,8 @@ from deltamask.aggregation import MEAN, MODE, BetaCounts, reset_due
 from deltamask.codecs import CODECS
 from deltamask.delta import cosine_kappa
 from deltamask.rounds import RANKINGS
-from deltamask.headwire import (LDA_COVARIANCES, MAX_HEAD_ABS, LdaStats, decode_head, decode_lda_stats,
-                                lda_width)
+from deltamask.headwire import (LDA_COVARIANCES, MAX_HEAD_ABS, MAX_HEAD_MESSAGE, LdaStats, class_block_nbytes,
+                                decode_head, decode_lda_stats, head_nbytes, lda_width)
 from deltamask.sampling import PER_CLIENT, SHARED, round_seed, theta_to_thresholds
 from deltamask.thetawire import encode_theta
 
@@ -237,6 +237,11 @@ class Aggregator:
         if policy.local.loss == VIRTUAL_CLASSES and self.input_dim < 1:
             raise ValueError("local.loss virtual_classes needs the size of the masked blocks' inputs (an image "
                              "backbone)")
+        down = head_nbytes(num_classes, feature_dim) + class_block_nbytes(num_classes, self.input_dim, True)
+        if self.input_dim and down > MAX_HEAD_MESSAGE:
+            raise ValueError(f"local.loss virtual_classes: the head with its class anchors ({num_classes} classes x "
+                             f"{self.input_dim} inputs) would be {down} bytes, more than the {MAX_HEAD_MESSAGE} a "
+                             f"task carries; mask fewer blocks or use local_classes")
         self.counts = BetaCounts(self.d, policy.lambda0)
         self.thresholds = theta_to_thresholds(np.full(self.d, policy.theta0))
         self.head: Optional[Head] = kaiming_head(feature_dim, num_classes, policy.seed) \
@@ -390,7 +395,7 @@ def kaiming_head(feature_dim: int, num_classes: int, seed: int = 0) -> Head:
 
 def head_bits(policy: Policy, num_classes: int, feature_dim: int, input_dim: int = 0) -> int:
     """Bits one device uploads in a head round (`input_dim`: with virtual_classes, its class sums too)."""
-    from deltamask.headwire import class_block_nbytes, head_nbytes, lda_stats_nbytes
+    from deltamask.headwire import lda_stats_nbytes
 
     if policy.head == LDA:
         extra = class_block_nbytes(num_classes, input_dim) if policy.local.loss == VIRTUAL_CLASSES else 0

@@ -23,6 +23,9 @@ from deltamask.errors import PayloadError
 # below), an LDA class mean's |value|, and examples in one device's statistics. Beyond: refused.
 MAX_HEAD_ABS = 1e4
 MAX_EXAMPLES = 1e8
+# The head goes down inside one Task message, and an agent takes messages of up to 8 MiB
+# (edge_client/transport.py): a head with class anchors must leave room for the rest of the task.
+MAX_HEAD_MESSAGE = 6 << 20
 
 
 def head_nbytes(num_classes: int, feature_dim: int) -> int:

@@ -139,6 +139,8 @@ def test_virtual_classes_anchors_are_the_pooled_class_means_of_the_inputs_and_tr
     policy.check()
     with pytest.raises(ValueError, match="size of the masked blocks' inputs"):
         Aggregator(policy, 40, 4, 6)
+    with pytest.raises(ValueError, match="more than the .* a task carries"):  # 100 classes x a ViT's 50 x 768
+        Aggregator(policy, 40, 100, 512, input_dim=50 * 768)
     x, y = gaussian(600, classes=3)  # class 3 is held by no device
     rng = np.random.default_rng(5)
     inputs = rng.normal(2, 1, (600, 12)) + y[:, None]  # what the masked blocks take: 12 numbers an example
