@@ -1,5 +1,7 @@
 """Diagnostic driver (not part of the product): devices train their mask on their own examples plus virtual
 examples of the classes they do not hold, made from the class means of the masked blocks' inputs.
+The product has them since as `local.loss: virtual_classes` (`deltamask-sim --loss virtual_classes`; the
+means then come from the head round's statistics, weighted as FiT-LDA's are); this driver made the logs beside it.
 
 Under label skew a device compares its features only among its own classes (the restricted softmax): no device
 is asked to keep a class it holds apart from one it does not, and the prunes its two classes agree on cost the
