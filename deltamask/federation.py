@@ -19,7 +19,7 @@ from typing import List, Mapping, Optional, Sequence, Tuple
 import numpy as np
 
 from deltamask.aggregation import MEAN, MODE, BetaCounts, reset_due
-from deltamask.codecs import CODECS
+from deltamask.codecs import CODECS, WEIGHTS
 from deltamask.delta import cosine_kappa
 from deltamask.rounds import RANKINGS
 from deltamask.headwire import (LDA_COVARIANCES, MAX_HEAD_ABS, MAX_HEAD_MESSAGE, LdaStats, class_block_nbytes,
@@ -133,6 +133,8 @@ class Policy:
         self.local.check()
         if self.local.loss == VIRTUAL_CLASSES and self.head != LDA:
             raise ValueError("local.loss virtual_classes needs head: lda (its head round gathers the class means)")
+        if self.local.loss == VIRTUAL_CLASSES and CODECS[self.codec].carries == WEIGHTS:
+            raise ValueError(f"local.loss virtual_classes trains masks; codec {self.codec} fine-tunes weights")
 
     @property
     def head_phase_rounds(self) -> int:

@@ -61,11 +61,15 @@ def _block(data: bytes, magic: bytes, rows: int, what: str) -> Tuple[np.ndarray,
     flags = rows if magic == _ANCHORS else 0
     if width == 0 or len(data) != 8 + flags + 4 * rows * width:
         raise PayloadError(f"class block of {len(data)} bytes for {rows} classes x {width} inputs")
-    held = np.frombuffer(data, np.uint8, flags, 8).astype(bool) if flags else None
+    raw = np.frombuffer(data, np.uint8, flags, 8) if flags else None
     values = np.frombuffer(data, "<f4", rows * width, 8 + flags).reshape(rows, width)
     if not np.isfinite(values).all():
         raise PayloadError(f"the {what}'s class block holds NaN or infinite values")
-    return values, held
+    if raw is None:
+        return values, None
+    if raw.max(initial=0) > 1 or values[raw == 0].any():  # one encoding of each head: flags 0/1, zeros where 0
+        raise PayloadError(f"the {what}'s class block is not in its one encoding (flags 0 or 1, zero rows unheld)")
+    return values, raw.astype(bool)
 
 
 def decode_head(data: bytes, num_classes: int, feature_dim: int, limit: Optional[float] = None) -> Tuple:
@@ -177,6 +181,9 @@ def decode_lda_stats(data: bytes, num_classes: int, feature_dim: int, covariance
         raise PayloadError(f"LDA class means beyond +-{MAX_HEAD_ABS:g}: not statistics of backbone features")
     if inputs is not None and np.abs(inputs / np.maximum(counts, 1)[:, None]).max(initial=0.0) > MAX_HEAD_ABS:
         raise PayloadError(f"class means of the inputs beyond +-{MAX_HEAD_ABS:g}: not the prefix's outputs")
+    empty = counts == 0  # sums for a class of no examples would move the federation's means at no weight
+    if sums[empty].any() or (inputs is not None and inputs[empty].any()):
+        raise PayloadError("LDA statistics with sums for a class of no examples")
     if covariance == "diag":
         return LdaStats(sums, counts, rest, inputs)
     second = np.zeros((k, k))

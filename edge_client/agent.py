@@ -19,6 +19,7 @@ import grpc
 import psutil
 
 from deltamask.errors import PayloadError
+from deltamask.transfer import sha256_hex
 from deltamask.v1 import coordinator_pb2 as pb
 from edge_client.config import AgentConfig
 from edge_client.energy import open_meter
@@ -40,6 +41,7 @@ class Agent:
         self.stop = threading.Event()
         self.device_id = ""
         self.working_round = -1
+        self.head = (b"", "")  # the last head received and its digest: tasks leave it out while it is current
         self.process = psutil.Process()
         self.watchdog = Watchdog()
         self.backoff = Backoff(cap_s=config.max_backoff_s, on_wait=self.watchdog.ping)
@@ -97,7 +99,8 @@ class Agent:
 
     def next_task(self, done: int) -> pb.Task:
         """Long-poll for the next round this device is selected in (IDLE when the wait runs out)."""
-        request = pb.TaskRequest(device_id=self.device_id, after_round=done, wait_s=self.config.task_wait_s)
+        request = pb.TaskRequest(device_id=self.device_id, after_round=done, wait_s=self.config.task_wait_s,
+                                 head_sha256=self.head[1])
         return retrying(lambda: self.stub.GetTask(request, timeout=self.config.task_wait_s + 30, wait_for_ready=True),
                         "wait for a task", self.backoff, self.stop)
 
@@ -179,7 +182,13 @@ class Agent:
         from deltamask.thetawire import decode_theta
 
         work = _device_task(task)
-        head = decode_head(task.head, task.num_classes, task.feature_dim) if task.head else None
+        blob = self.head_of(task)
+        head = decode_head(blob, task.num_classes, task.feature_dim) if blob else None
+        if blob:
+            self.head = (blob, task.head_sha256 or sha256_hex(blob))
+        if task.phase == pb.MASK and work.local.loss == "virtual_classes" and (head is None or len(head) < 3):
+            raise RoundSkipped(f"round {task.round}: the task asks for virtual_classes, but its head carries no "
+                               f"class anchors")
         started = time.perf_counter()
         thresholds = None
         if task.phase == pb.MASK:
@@ -204,6 +213,17 @@ class Agent:
         extra = {"fetch_s": fetched - started, "train_s": time.perf_counter() - fetched, "delta": reply.delta,
                  "kept": reply.kept}
         return reply.payload, reply.reference_digest, extra
+
+    def head_of(self, task: pb.Task) -> bytes:
+        """The task's head: sent with it, or (left out) the one this device holds under the digest it names.
+        PayloadError when the bytes sent do not match the digest; RoundSkipped when it names a head not held."""
+        if task.head:
+            if task.head_sha256 and sha256_hex(task.head) != task.head_sha256:
+                raise PayloadError("the task's head does not match its digest")
+            return task.head
+        if task.head_sha256 and task.head_sha256 != self.head[1]:
+            raise RoundSkipped(f"round {task.round}: the task names a head this device does not hold")
+        return self.head[0] if task.head_sha256 else b""
 
     def fetch_theta(self, task: pb.Task, attempts: int = 3) -> bytes:
         """The round's theta, whole and with the digest the task names; a corrupt transfer or a digest that

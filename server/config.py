@@ -118,6 +118,9 @@ class ServerConfig(Policy):
             raise ValueError(f"rounds must be at least 1, got {self.rounds}")
         if self.backbone is None and self.d is None:
             raise ValueError("give backbone or d")
+        if self.backbone is None and self.local.loss == "virtual_classes":
+            raise ValueError("local.loss virtual_classes needs backbone (the class anchors are as wide as the "
+                             "masked blocks' inputs)")
         for key in ("expected_clients", "num_classes"):
             if getattr(self, key) < 1:
                 raise ValueError(f"{key} must be at least 1, got {getattr(self, key)}")

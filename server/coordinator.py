@@ -218,6 +218,11 @@ class Coordinator:
                 loaded = recovery.rebuild(s, finished, self.config, self.d, self.facts.feature_dim, self._names(),
                                           input_dim=self.facts.input_dim)
             if loaded.head is not None:
+                if self.agg.input_dim and len(loaded.head) < 3:
+                    raise recovery.StateError(
+                        f"{s.head_path}: the head was built without class anchors, and local.loss is now "
+                        f"virtual_classes (it needs them from the head round): keep the loss the federation "
+                        f"started with, or start a new one in another state_dir")
                 self.agg.head = loaded.head
             self.counts.ones[:] = loaded.ones
             self.counts.masks = loaded.masks

@@ -166,9 +166,12 @@ class CoordinatorService(rpc.CoordinatorServicer):
         if w is None:  # IDLE or DONE
             return pb.Task(phase=PHASES[task.phase], round=task.round)
         head = task.phase == HEAD
+        digest = sha256_hex(task.head) if task.head else ""
+        held = bool(digest) and request.head_sha256 == digest  # the device has this head: do not send it again
         return pb.Task(phase=PHASES[task.phase], round=task.round, seed=w.seed, kappa=w.kappa, codec=w.codec,
                        reference=w.reference, deadline_unix_s=task.deadline, theta_digest=task.theta_digest,
-                       theta_bytes=task.theta_bytes, head=task.head, num_classes=self.c.config.num_classes,
+                       theta_bytes=task.theta_bytes, head=b"" if held else task.head, head_sha256=digest,
+                       num_classes=self.c.config.num_classes,
                        feature_dim=self.c.facts.feature_dim, epochs=w.local.head_epochs if head else w.local.epochs,
                        batch_size=w.local.batch_size, lr=w.local.head_lr if head else w.local.lr,
                        head_kind=w.head, lda_covariance=w.lda_covariance, lda_rank=w.lda_rank,

@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pytest
 
+from deltamask.errors import PayloadError
 from deltamask.v1 import coordinator_pb2 as pb
 from edge_client.agent import Agent
 from edge_client.config import AgentConfig, DataConfig
@@ -95,3 +96,52 @@ def test_a_theta_digest_other_than_the_tasks_is_refetched_then_the_round_is_give
     wrong = pb.Task(phase=pb.MASK, round=task.round, theta_digest="0" * 64)
     with pytest.raises(RoundSkipped, match="no intact theta after 3 tries"):
         agent.fetch_theta(wrong)
+
+
+@pytest.mark.parametrize("coordinator", ["kaiming"], indirect=True)
+def test_a_virtual_classes_task_whose_head_carries_no_anchors_skips_the_round(coordinator, tmp_path):
+    """A coordinator that asks for virtual_classes with a head built without class anchors (a loss changed
+    after the head round): the agent gives that round up with a reason, it does not exit."""
+    import numpy as np
+
+    from deltamask.headwire import encode_head
+    from edge_client.agent import RoundSkipped
+
+    c, port = coordinator
+    agent = Agent(AgentConfig(name="pi-3", **c.agent_config, weights=None, progress=False,
+                              cache_dir=str(tmp_path / "cache"), data=DataConfig(dataset="digits", samples=300)))
+    agent.register()
+    features = c.facts.feature_dim
+    task = pb.Task(phase=pb.MASK, round=1, seed=1, kappa=1.0, codec="exact", reference="per-client",
+                   head_kind="lda", epochs=1, batch_size=32, lr=0.1, loss="virtual_classes", num_classes=10,
+                   feature_dim=features, head=encode_head(np.zeros((10, features)), np.zeros(10)))
+    with pytest.raises(RoundSkipped, match="no class anchors"):
+        agent.work(task)
+
+
+@pytest.mark.parametrize("coordinator", ["kaiming"], indirect=True)
+def test_a_device_holding_the_head_is_not_sent_it_again(coordinator, tmp_path):
+    """The head crosses the network once per device and head: a TaskRequest naming the head the device holds
+    gets a task without its bytes but with its digest, and the agent works from the head it keeps."""
+    from deltamask.transfer import sha256_hex
+    from edge_client.agent import RoundSkipped
+
+    c, port = coordinator
+    agent = Agent(AgentConfig(name="pi-4", **c.agent_config, weights=None, progress=False,
+                              cache_dir=str(tmp_path / "cache"), data=DataConfig(dataset="digits", samples=300)))
+    agent.register()
+    c.step()
+    c.step()
+    first = agent.next_task(-1)
+    assert first.phase == pb.MASK and first.head and first.head_sha256 == sha256_hex(first.head)
+    assert agent.head_of(first) == first.head
+    agent.head = (first.head, first.head_sha256)
+    again = agent.next_task(-1)  # the same round asked again, now naming the head it holds
+    assert again.round == first.round and again.head == b"" and again.head_sha256 == first.head_sha256
+    assert agent.head_of(again) == first.head
+    agent.head = (b"", "")  # a restarted agent holds no head: a task that leaves it out is given up, not run
+    with pytest.raises(RoundSkipped, match="does not hold"):
+        agent.head_of(again)
+    bad = pb.Task(phase=pb.MASK, round=first.round, head=first.head, head_sha256="0" * 64)
+    with pytest.raises(PayloadError, match="does not match its digest"):
+        agent.head_of(bad)

@@ -261,3 +261,31 @@ def test_aggregation_settings_are_checked():
         ServerConfig(backbone=None, d=D, aggregation=Aggregation("gpu")).check()
     with pytest.raises(ValueError, match="aggregation.address is a Ray cluster's"):
         ServerConfig(backbone=None, d=D, aggregation=Aggregation("process", address="auto")).check()
+
+
+def test_a_restart_that_turns_on_virtual_classes_after_the_head_round_is_refused(tmp_path):
+    """The head round gathered no class anchors; a coordinator restarted with local.loss virtual_classes would
+    send every device a task it cannot run, so it refuses to start and says why."""
+    from dataclasses import replace
+
+    from deltamask.federation import LocalTraining
+    from deltamask.headwire import LdaStats, encode_lda_stats
+    from server.recovery import StateError
+
+    clock = Clock()
+    c = make(tmp_path, clock, head="lda", lda_covariance="diag")
+    ids = join(c, ["a", "b", "c"])
+    c.step()
+    assert c.open.phase == HEAD
+    rng = np.random.default_rng(0)
+    for i in ids:
+        x = rng.normal(size=(9, FEATURES))
+        stats = LdaStats(np.stack([x[k::3].sum(0) for k in range(3)]), np.full(CLASSES, 3.0), (x * x).sum(0))
+        c.submit(i, c.open.round, encode_lda_stats(stats, "diag"), "", {"num_examples": 9})
+    c.step()
+    c.step()
+    assert c.open.phase == MASK and len(c.agg.head) == 2
+    c.store.close()
+    config = replace(c.config, local=LocalTraining(loss="virtual_classes"))
+    with pytest.raises(StateError, match="without class anchors"):
+        Coordinator(config, ModelFacts(D, "layout", FEATURES, input_dim=12), Store(config.state_dir), clock=clock)

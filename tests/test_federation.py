@@ -42,7 +42,8 @@ def test_head_phase_lengths_and_the_end_of_the_federation():
 
 @pytest.mark.parametrize("bad", [dict(head="svm"), dict(rho=0), dict(head_rho=1.5), dict(lda_covariance="lowrank"), dict(lda_rank=0),
                                  dict(local=LocalTraining(loss="focal")), dict(theta0=1.0), dict(rounds=0),
-                                 dict(head="linear_probe", local=LocalTraining(loss="virtual_classes"))])
+                                 dict(head="linear_probe", local=LocalTraining(loss="virtual_classes")),
+                                 dict(codec="float32", local=LocalTraining(loss="virtual_classes"))])
 def test_a_bad_policy_is_refused_with_the_key_named(bad):
     with pytest.raises(ValueError, match=next(iter(bad)) if "local" not in bad else "loss"):
         Policy(**bad).check()
@@ -174,6 +175,17 @@ def test_virtual_classes_anchors_are_the_pooled_class_means_of_the_inputs_and_tr
             agg.decode_share(bad)
     with pytest.raises(PayloadError):  # a device's own linear head never carries anchors
         decode_head(down, 4, 6, limit=1e4)
+    # one encoding of each head: a flag other than 0/1, or a value in an unheld row, is refused
+    at = 4 * (4 * 6 + 4) + 8  # the flags
+    for bad in (down[:at + 3] + b"\x02" + down[at + 4:], down[:-4] + np.float32(1).tobytes()):
+        with pytest.raises(PayloadError, match="one encoding"):
+            decode_head(bad, 4, 6)
+    # sums for a class of no examples would move its mean at no weight
+    odd = share(parts[0])
+    sums = odd.inputs.copy()
+    sums[3] = 1.0
+    with pytest.raises(PayloadError, match="class of no examples"):
+        agg.decode_share(encode_lda_stats(replace_inputs(odd, sums), "full"))
 
 
 def replace_inputs(s, inputs):

@@ -193,5 +193,8 @@ def class_sums(inputs: Inputs, labels: torch.Tensor, num_classes: int) -> np.nda
     class anchors virtual_classes trains with (`deltamask.federation.class_anchors` sums them)."""
     if isinstance(inputs, tuple):
         raise ValueError("local.loss virtual_classes takes image backbones (one input tensor per example)")
-    flat = inputs.reshape(len(inputs), -1).double()
-    return torch.zeros(num_classes, flat.shape[1], dtype=torch.float64).index_add_(0, labels, flat).numpy()
+    flat = inputs.reshape(len(inputs), -1)
+    sums = torch.zeros(num_classes, flat.shape[1], dtype=torch.float64)
+    for index in batches(len(flat), 256):  # float64 a few hundred rows at a time, not the whole set (boards)
+        sums.index_add_(0, labels[index], flat[index].double())
+    return sums.numpy()

@@ -89,17 +89,19 @@ class HeartbeatReply(_message.Message):
     def __init__(self, round: _Optional[int] = ...) -> None: ...
 
 class TaskRequest(_message.Message):
-    __slots__ = ("device_id", "after_round", "wait_s")
+    __slots__ = ("device_id", "after_round", "wait_s", "head_sha256")
     DEVICE_ID_FIELD_NUMBER: _ClassVar[int]
     AFTER_ROUND_FIELD_NUMBER: _ClassVar[int]
     WAIT_S_FIELD_NUMBER: _ClassVar[int]
+    HEAD_SHA256_FIELD_NUMBER: _ClassVar[int]
     device_id: str
     after_round: int
     wait_s: float
-    def __init__(self, device_id: _Optional[str] = ..., after_round: _Optional[int] = ..., wait_s: _Optional[float] = ...) -> None: ...
+    head_sha256: str
+    def __init__(self, device_id: _Optional[str] = ..., after_round: _Optional[int] = ..., wait_s: _Optional[float] = ..., head_sha256: _Optional[str] = ...) -> None: ...
 
 class Task(_message.Message):
-    __slots__ = ("phase", "round", "seed", "kappa", "codec", "reference", "deadline_unix_s", "theta_digest", "theta_bytes", "head", "num_classes", "feature_dim", "epochs", "batch_size", "lr", "head_kind", "lda_covariance", "loss", "lda_rank", "ranking")
+    __slots__ = ("phase", "round", "seed", "kappa", "codec", "reference", "deadline_unix_s", "theta_digest", "theta_bytes", "head", "num_classes", "feature_dim", "epochs", "batch_size", "lr", "head_kind", "lda_covariance", "loss", "lda_rank", "ranking", "head_sha256")
     PHASE_FIELD_NUMBER: _ClassVar[int]
     ROUND_FIELD_NUMBER: _ClassVar[int]
     SEED_FIELD_NUMBER: _ClassVar[int]
@@ -120,6 +122,7 @@ class Task(_message.Message):
     LOSS_FIELD_NUMBER: _ClassVar[int]
     LDA_RANK_FIELD_NUMBER: _ClassVar[int]
     RANKING_FIELD_NUMBER: _ClassVar[int]
+    HEAD_SHA256_FIELD_NUMBER: _ClassVar[int]
     phase: Phase
     round: int
     seed: int
@@ -140,7 +143,8 @@ class Task(_message.Message):
     loss: str
     lda_rank: int
     ranking: str
-    def __init__(self, phase: _Optional[_Union[Phase, str]] = ..., round: _Optional[int] = ..., seed: _Optional[int] = ..., kappa: _Optional[float] = ..., codec: _Optional[str] = ..., reference: _Optional[str] = ..., deadline_unix_s: _Optional[float] = ..., theta_digest: _Optional[str] = ..., theta_bytes: _Optional[int] = ..., head: _Optional[bytes] = ..., num_classes: _Optional[int] = ..., feature_dim: _Optional[int] = ..., epochs: _Optional[int] = ..., batch_size: _Optional[int] = ..., lr: _Optional[float] = ..., head_kind: _Optional[str] = ..., lda_covariance: _Optional[str] = ..., loss: _Optional[str] = ..., lda_rank: _Optional[int] = ..., ranking: _Optional[str] = ...) -> None: ...
+    head_sha256: str
+    def __init__(self, phase: _Optional[_Union[Phase, str]] = ..., round: _Optional[int] = ..., seed: _Optional[int] = ..., kappa: _Optional[float] = ..., codec: _Optional[str] = ..., reference: _Optional[str] = ..., deadline_unix_s: _Optional[float] = ..., theta_digest: _Optional[str] = ..., theta_bytes: _Optional[int] = ..., head: _Optional[bytes] = ..., num_classes: _Optional[int] = ..., feature_dim: _Optional[int] = ..., epochs: _Optional[int] = ..., batch_size: _Optional[int] = ..., lr: _Optional[float] = ..., head_kind: _Optional[str] = ..., lda_covariance: _Optional[str] = ..., loss: _Optional[str] = ..., lda_rank: _Optional[int] = ..., ranking: _Optional[str] = ..., head_sha256: _Optional[str] = ...) -> None: ...
 
 class FetchRequest(_message.Message):
     __slots__ = ("device_id", "round", "offset")
