@@ -7,7 +7,8 @@
     deltamask-ctl --config server.yaml revoke rpi4-kitchen   # a lost or stolen board: its credential stops working
 
 Commands: `status` (round, phase, devices registered and online), `devices` (name, kind, online, last seen),
-`rounds` (each round: phase, state, selected and received, accuracy, uplink and downlink bpp), `export`
+`rounds` (each round: phase, state, selected and received, accuracy with a sampled mask and of the expected
+network, uplink and downlink bpp), `export`
 (the fine-tuned model as one ONNX or TorchScript file, built here from the last mask round's theta and head:
 the file `deltamask-server export` writes, away from the coordinator; needs torch and the backbone's
 weights), `energy` (joules per device and phase per round, from the measurements the devices sent with their updates: an
@@ -46,7 +47,9 @@ class Operator:
                 "online": s.online, "rounds": [
                     {"round": h.round, "phase": PHASE_NAMES.get(h.phase, "?"), "state": h.state,
                      "selected": h.selected, "received": h.received,
-                     "accuracy": h.accuracy if h.accuracy >= 0 else None, "uplink_bpp": h.uplink_bpp,
+                     "accuracy": h.accuracy if h.accuracy >= 0 else None,
+                     "accuracy_expected": h.accuracy_expected if h.accuracy_expected >= 0 else None,
+                     "uplink_bpp": h.uplink_bpp,
                      "downlink_bpp": h.downlink_bpp} for h in s.history]}
 
     def devices(self) -> List[Dict]:
@@ -93,7 +96,8 @@ def render(rows: List[Dict], columns: List[str]) -> str:
     return "\n".join("  ".join(v.ljust(w) for v, w in zip(line, widths)).rstrip() for line in table)
 
 
-ROUND_COLUMNS = ["round", "phase", "state", "selected", "received", "accuracy", "uplink_bpp", "downlink_bpp"]
+ROUND_COLUMNS = ["round", "phase", "state", "selected", "received", "accuracy", "accuracy_expected", "uplink_bpp",
+                 "downlink_bpp"]
 
 
 def status_text(s: Dict, last: int = 0) -> str:
@@ -120,7 +124,12 @@ def plot(op: Operator, out: Path) -> List[Path]:
 
     fig, ax = plt.subplots(figsize=(6.4, 4))
     scored = [r for r in rounds if r["accuracy"] is not None]
-    ax.plot([r["round"] for r in scored], [r["accuracy"] for r in scored], marker="o")
+    ax.plot([r["round"] for r in scored], [r["accuracy"] for r in scored], marker="o", label="a sampled mask")
+    expected = [r for r in scored if r["accuracy_expected"] is not None]
+    if expected:  # the network `export` writes by default
+        ax.plot([r["round"] for r in expected], [r["accuracy_expected"] for r in expected], marker="s",
+                label="expected network w * theta")
+        ax.legend()
     ax.set_xlabel("round")
     ax.set_ylabel("held-out accuracy")
     ax.set_title("accuracy per round" if scored else "accuracy per round (no evaluation configured)")

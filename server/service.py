@@ -239,6 +239,7 @@ class CoordinatorService(rpc.CoordinatorServicer):
         s = self.c.status()
         history = [pb.RoundSummary(round=h["round"], phase=PHASES[h["phase"]], selected=h["selected"],
                                    received=h["received"], accuracy=h.get("accuracy", -1.0),
+                                   accuracy_expected=h.get("accuracy_expected", -1.0),
                                    uplink_bpp=h["uplink_bpp"], downlink_bpp=h["downlink_bpp"], state=h["state"])
                    for h in s["history"]]
         return pb.StatusReply(round=s["round"], phase=PHASES[s["phase"]], registered=s["registered"],

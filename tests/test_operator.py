@@ -47,7 +47,8 @@ def fleet(tmp_path_factory):
     config = {"listen": f"127.0.0.1:{port}", "state_dir": str(state), "backbone": "tiny", "tls": tls_config(state),
               "weights": None, "image_size": 16, "expected_clients": 1, "min_quorum": 1, "rounds": 2,
               "heartbeat_interval_s": 30, "head": "linear_probe", "local": {"head_epochs": 1},
-              "metrics_listen": f"127.0.0.1:{metrics_port}"}
+              "metrics_listen": f"127.0.0.1:{metrics_port}",
+              "evaluation": {"dataset": "digits", "samples": 100, "seed": 1}}
     (tmp_path / "server.yaml").write_text(yaml.safe_dump(config))
     env = {**os.environ, "PYTHONPATH": str(ROOT), "HF_HUB_OFFLINE": "1"}
     token = server_secrets(tmp_path / "server.yaml", sys.executable, env, ROOT)
@@ -136,6 +137,10 @@ def test_ctl_status_devices_rounds_and_energy_as_the_operator(fleet):
     assert [(r["round"], r["phase"], r["state"], r["received"]) for r in rounds] == [(0, "head", "closed", 1),
                                                                                     (1, "mask", "closed", 1)]
     assert rounds[1]["uplink_bpp"] == pytest.approx(8 * len(fleet["upload"].payload) / fleet["d"])
+    # scored on held-out data: the head alone after the head round; after the mask round a sampled mask and
+    # the expected network w * theta (what export writes by default)
+    assert 0 < rounds[0]["accuracy"] <= 1 and rounds[0]["accuracy_expected"] is None
+    assert 0 < rounds[1]["accuracy"] <= 1 and 0 < rounds[1]["accuracy_expected"] <= 1
     code, out, _ = ctl(fleet, "--json", "status")
     status = json.loads(out)
     assert code == 0 and status["round"] == 2 and (status["registered"], status["online"]) == (1, 1)

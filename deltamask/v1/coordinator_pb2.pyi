@@ -235,7 +235,7 @@ class StatusRequest(_message.Message):
     def __init__(self, device_id: _Optional[str] = ..., round: _Optional[int] = ...) -> None: ...
 
 class RoundSummary(_message.Message):
-    __slots__ = ("round", "phase", "selected", "received", "accuracy", "uplink_bpp", "downlink_bpp", "state")
+    __slots__ = ("round", "phase", "selected", "received", "accuracy", "uplink_bpp", "downlink_bpp", "state", "accuracy_expected")
     ROUND_FIELD_NUMBER: _ClassVar[int]
     PHASE_FIELD_NUMBER: _ClassVar[int]
     SELECTED_FIELD_NUMBER: _ClassVar[int]
@@ -244,6 +244,7 @@ class RoundSummary(_message.Message):
     UPLINK_BPP_FIELD_NUMBER: _ClassVar[int]
     DOWNLINK_BPP_FIELD_NUMBER: _ClassVar[int]
     STATE_FIELD_NUMBER: _ClassVar[int]
+    ACCURACY_EXPECTED_FIELD_NUMBER: _ClassVar[int]
     round: int
     phase: Phase
     selected: int
@@ -252,7 +253,8 @@ class RoundSummary(_message.Message):
     uplink_bpp: float
     downlink_bpp: float
     state: str
-    def __init__(self, round: _Optional[int] = ..., phase: _Optional[_Union[Phase, str]] = ..., selected: _Optional[int] = ..., received: _Optional[int] = ..., accuracy: _Optional[float] = ..., uplink_bpp: _Optional[float] = ..., downlink_bpp: _Optional[float] = ..., state: _Optional[str] = ...) -> None: ...
+    accuracy_expected: float
+    def __init__(self, round: _Optional[int] = ..., phase: _Optional[_Union[Phase, str]] = ..., selected: _Optional[int] = ..., received: _Optional[int] = ..., accuracy: _Optional[float] = ..., uplink_bpp: _Optional[float] = ..., downlink_bpp: _Optional[float] = ..., state: _Optional[str] = ..., accuracy_expected: _Optional[float] = ...) -> None: ...
 
 class StatusReply(_message.Message):
     __slots__ = ("round", "phase", "registered", "online", "history")
