@@ -23,7 +23,7 @@ from deltamask.codecs import CODECS, WEIGHTS
 from deltamask.delta import cosine_kappa
 from deltamask.rounds import RANKINGS
 from deltamask.headwire import (LDA_COVARIANCES, MAX_HEAD_ABS, MAX_HEAD_MESSAGE, LdaStats, class_block_nbytes,
-                                decode_head, decode_lda_stats, head_nbytes, lda_width)
+                                decode_head, decode_lda_stats, head_nbytes, lda_stats_nbytes, lda_width)
 from deltamask.sampling import PER_CLIENT, SHARED, round_seed, theta_to_thresholds
 from deltamask.thetawire import encode_theta
 
@@ -397,8 +397,6 @@ def kaiming_head(feature_dim: int, num_classes: int, seed: int = 0) -> Head:
 
 def head_bits(policy: Policy, num_classes: int, feature_dim: int, input_dim: int = 0) -> int:
     """Bits one device uploads in a head round (`input_dim`: with virtual_classes, its class sums too)."""
-    from deltamask.headwire import lda_stats_nbytes
-
     if policy.head == LDA:
         extra = class_block_nbytes(num_classes, input_dim) if policy.local.loss == VIRTUAL_CLASSES else 0
         return 8 * (lda_stats_nbytes(num_classes, feature_dim, policy.lda_covariance, policy.lda_rank) + extra)
