@@ -11,7 +11,8 @@
 | deltamask_uplink_bytes_total | counter | phase | update payload bytes taken |
 | deltamask_downlink_bytes_total | counter | | theta bytes served (FetchTheta) |
 | deltamask_round_uplink_bpp, deltamask_round_downlink_bpp | gauge | phase | the last closed round's bits per parameter |
-| deltamask_round_accuracy | gauge | phase | the last closed round's held-out accuracy (when evaluation is configured) |
+| deltamask_round_accuracy | gauge | phase | the last closed round's held-out accuracy, a sampled mask (when evaluation is configured) |
+| deltamask_round_accuracy_expected | gauge | | the last mask round's expected network w * theta, the model `export` writes by default |
 | deltamask_decode_seconds | histogram | phase | decoding and checking one update |
 | deltamask_round_close_seconds | histogram | phase | closing a round (aggregation, theta, fsyncs) |
 | deltamask_rpc_seconds | histogram | method, code | every Coordinator RPC, by its final status code |
@@ -46,6 +47,8 @@ class Metrics:
                                   ["phase"], registry=r)
         self.accuracy = Gauge("deltamask_round_accuracy", "last closed round: held-out accuracy", ["phase"],
                               registry=r)
+        self.accuracy_expected = Gauge("deltamask_round_accuracy_expected",
+                                       "last mask round: held-out accuracy of the expected network", registry=r)
         self.decode = Histogram("deltamask_decode_seconds", "decoding and checking one update", ["phase"],
                                 buckets=_SECONDS, registry=r)
         self.close = Histogram("deltamask_round_close_seconds", "closing a round", ["phase"], buckets=_SECONDS,
@@ -73,6 +76,8 @@ class Metrics:
             self.downlink_bpp.labels(phase).set(summary["downlink_bpp"])
             if "accuracy" in summary:
                 self.accuracy.labels(phase).set(summary["accuracy"])
+            if summary.get("accuracy_expected") is not None:
+                self.accuracy_expected.set(summary["accuracy_expected"])
 
     def served(self, nbytes: int) -> None:
         self.downlink.inc(nbytes)

@@ -40,7 +40,8 @@ def test_head_phase_lengths_and_the_end_of_the_federation():
     assert task.head == "linear_probe" and task.local == LocalTraining()
 
 
-@pytest.mark.parametrize("bad", [dict(head="svm"), dict(rho=0), dict(head_rho=1.5), dict(lda_covariance="lowrank"), dict(lda_rank=0),
+@pytest.mark.parametrize("bad", [dict(head="svm"), dict(rho=0), dict(head_rho=1.5), dict(lda_covariance="lowrank"),
+                                 dict(lda_rank=0, lda_covariance="projected"),
                                  dict(local=LocalTraining(loss="focal")), dict(theta0=1.0), dict(rounds=0),
                                  dict(head="linear_probe", local=LocalTraining(loss="virtual_classes")),
                                  dict(codec="float32", local=LocalTraining(loss="virtual_classes"))])

@@ -243,5 +243,5 @@ def test_the_simulator_and_a_real_fleet_produce_identical_heads_and_theta_every_
     assert [r["theta_sha256"] for r in sim_rows[1:]] == [r["theta_sha256"] for r in fleet_rows[1:]]
     assert len({r["theta_sha256"] for r in sim_rows[1:]}) == 3  # theta moved every round
     # the head round's uplink and downlink: the class block is there exactly with virtual_classes
-    lda_only = 8 * lda_stats_nbytes(10, 32, "projected", 16) / D
+    lda_only = 8 * lda_stats_nbytes(10, 32, "full") / D  # the default covariance
     assert (sim_rows[0]["uplink_bpp"] > lda_only) == (loss == "virtual_classes")

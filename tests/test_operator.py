@@ -113,6 +113,9 @@ def test_the_metrics_endpoint_counts_rounds_bytes_devices_energy_and_rpcs(fleet)
            if name == "deltamask_rpc_seconds_count"}
     assert rpc[("Register", "OK")] == 1 and rpc[("SubmitUpdate", "OK")] == 2 and rpc[("FetchTheta", "OK")] >= 1
     assert rpc[("GetStatus", "UNAUTHENTICATED")] == 1
+    mask = wait_for_mask_round(fleet)[1]  # held-out scores: a sampled mask, and the expected network export writes
+    assert m[("deltamask_round_accuracy", (("phase", "mask"),))] == pytest.approx(mask["accuracy"])
+    assert m[("deltamask_round_accuracy_expected", ())] == pytest.approx(mask["accuracy_expected"])
 
 
 def ctl(fleet, *args):
