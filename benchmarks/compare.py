@@ -30,7 +30,7 @@ import sys
 import time
 from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
-from typing import Dict, List
+from typing import Dict, List, Optional
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
@@ -74,7 +74,7 @@ RUNS = {
 DEFAULT_RUNS = ["deltamask", "deltamask-exact", "shared", "fedpm"]
 
 
-def summarise(name: str, rows: List[Dict], seconds: float) -> Dict:
+def summarise(name: str, rows: List[Dict], seconds: Optional[float]) -> Dict:
     heads = [r for r in rows if r.get("phase") == "head"]
     masks = [r for r in rows if r.get("phase") == "mask"] or heads  # linear probing alone: its head rounds
     last = masks[-1]
@@ -83,20 +83,26 @@ def summarise(name: str, rows: List[Dict], seconds: float) -> Dict:
             "best_accuracy": max(r["accuracy"] for r in masks),
             "uplink_bpp": sum(r["uplink_bpp"] for r in masks) / len(masks),
             "downlink_bpp": sum(r.get("downlink_bpp", 0.0) for r in masks) / len(masks),
-            "rounds": len(masks), "minutes": seconds / 60}
+            "rounds": len(masks), "minutes": None if seconds is None else seconds / 60,
+            # keep: best with validation images (--set val_samples=N): the round kept and its test score
+            **({"kept_round": rows[-1]["kept_round"], "kept_accuracy": rows[-1]["kept_accuracy"]}
+               if "val_accuracy" in rows[-1] else {})}
 
 
 def table(summaries: List[Dict], head: str) -> str:
+    kept = all("kept_round" in s for s in summaries)
     lines = ["| run | codec / reference | accuracy, sampled mask (last round) | expected mask | best | "
-             "uplink bpp (mean) | downlink bpp (mean) | minutes |", "|---|---|---|---|---|---|---|---|"]
+             + ("kept by validation (round) | " if kept else "") + "uplink bpp (mean) | downlink bpp (mean) | minutes |",
+             "|---|---|---|---|---|---|---|---|" + ("---|" if kept else "")]
     for s in summaries:
         spec = RUNS[re.sub(r"-seed\d+$", "", s["run"])]
         extra = "".join(f", {k} {v}" for k, v in spec.items() if k not in ("codec", "reference", "head_only"))
         lines.append(f"| {s['run']} | {spec['codec']} / {spec['reference']}{extra} | {s['final_accuracy']:.4f} | "
-                     f"{s['final_accuracy_expected']:.4f} | {s['best_accuracy']:.4f} | {s['uplink_bpp']:.4f} | "
-                     f"{s['downlink_bpp']:.3f} | {s['minutes']:.1f} |")
+                     f"{s['final_accuracy_expected']:.4f} | {s['best_accuracy']:.4f} | "
+                     + (f"{s['kept_accuracy']:.4f} ({s['kept_round']}) | " if kept else "") + f"{s['uplink_bpp']:.4f} | "
+                     f"{s['downlink_bpp']:.3f} | " + ("" if s["minutes"] is None else f"{s['minutes']:.1f}") + " |")
     lines.append(f"| {head} head alone | head round: {summaries[0]['head_bpp']:.3f} bpp | "
-                 f"{summaries[0]['head_accuracy']:.4f} | | | | | |")
+                 f"{summaries[0]['head_accuracy']:.4f} | | | " + ("| " if kept else "") + "| | |")
     return "\n".join(lines)
 
 
@@ -140,7 +146,7 @@ def finished(path: Path, config: SimConfig):
     if len([r for r in rows if r.get("phase") == "mask"]) != config.rounds or \
             len([r for r in rows if r.get("phase") == "head" and r.get("round", 0) >= 0]) != config.head_phase_rounds:
         return None
-    return summarise(path.stem, rows, 0.0)
+    return summarise(path.stem, rows, None)  # minutes: the earlier summary's (merged), not this reading's
 
 
 def merged(path: Path, summaries: List[Dict]) -> List[Dict]:
@@ -148,8 +154,13 @@ def merged(path: Path, summaries: List[Dict]) -> List[Dict]:
     new ones."""
     new = {s["run"]: s for s in summaries}
     old = json.loads(path.read_text()) if path.exists() else []
-    kept = [new.pop(s["run"]) if s["run"] in new else s for s in old]
+    kept = [_with_minutes(new.pop(s["run"]), s) if s["run"] in new else s for s in old]
     return kept + [s for s in summaries if s["run"] in new]
+
+
+def _with_minutes(summary: Dict, earlier: Dict) -> Dict:
+    """A summary read back from a finished log keeps the minutes the run took when it ran."""
+    return {**summary, "minutes": earlier.get("minutes")} if summary["minutes"] is None else summary
 
 
 def parse_value(text: str):

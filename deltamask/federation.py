@@ -14,7 +14,7 @@ the same federation seed selects the same devices and draws the same masks every
 import hashlib
 import math
 from dataclasses import dataclass, field
-from typing import List, Mapping, Optional, Sequence, Tuple
+from typing import Iterable, List, Mapping, Optional, Sequence, Tuple
 
 import numpy as np
 
@@ -34,6 +34,11 @@ SAMPLE, THRESHOLD = "sample", "threshold"
 MASK_RULES = (SAMPLE, THRESHOLD)
 CROSS_ENTROPY, LOCAL_CLASSES, VIRTUAL_CLASSES = "cross_entropy", "local_classes", "virtual_classes"
 LOSSES = (CROSS_ENTROPY, LOCAL_CLASSES, VIRTUAL_CLASSES)
+LAST, BEST = "last", "best"
+KEEPS = (LAST, BEST)
+# the held-out reading a round is kept by: what `deltamask-server export` bakes by default after it (the head
+# alone after a head round, the expected mask theta * w after a mask round)
+KEPT_BY = {HEAD: "accuracy", MASK: "accuracy_expected"}
 # (weight (classes x features), bias (classes)), float32; with virtual_classes a third element, the anchors:
 # the federation's per-class means of the masked blocks' inputs (classes x P, NaN rows for classes nobody holds)
 Head = Tuple[np.ndarray, ...]
@@ -96,6 +101,9 @@ class Policy:
     theta0: float = 0.999  # docs/results.md: 0.99 costs the LDA head ~2 points under label skew
     lambda0: float = 1.0
     seed: int = 0
+    # the model the federation leaves behind: the round that scored best on held-out data so far, the head
+    # alone included (`keep_round`; the last round when nothing is scored), or the last round's
+    keep: str = BEST
     local: LocalTraining = field(default_factory=LocalTraining)
 
     def check(self) -> None:
@@ -109,6 +117,8 @@ class Policy:
             raise ValueError(f"ranking must be one of {', '.join(RANKINGS)}, got {self.ranking!r}")
         if self.reference not in (PER_CLIENT, SHARED):
             raise ValueError(f"reference must be {PER_CLIENT!r} or {SHARED!r}, got {self.reference!r}")
+        if self.keep not in KEEPS:
+            raise ValueError(f"keep must be {LAST!r} or {BEST!r}, got {self.keep!r}")
         if self.theta_formula not in (MODE, MEAN):
             raise ValueError(f"theta_formula must be {MODE!r} or {MEAN!r}, got {self.theta_formula!r}")
         if self.head not in HEADS:
@@ -229,6 +239,36 @@ def plan_round(policy: Policy, index: int, heads_done: int, masks_done: int,
     kappa = cosine_kappa(masks_done, policy.rounds, policy.kappa_start, policy.kappa_end)
     return RoundPlan(index, MASK, seed, selected, len(names), kappa, reset_due(masks_done, policy.rho),
                      masks_done, heads_done)
+
+
+@dataclass(frozen=True)
+class Kept:
+    """The round whose model the federation leaves behind, and its held-out score (None: not scored)."""
+
+    round: int
+    phase: str
+    score: Optional[float] = None
+
+
+def keep_round(policy: Policy, kept: Optional[Kept], index: int, phase: str, score: Optional[float]) -> Kept:
+    """What the federation keeps once round `index` closed with held-out `score` (its `KEPT_BY` reading; None
+    when nobody scores): with keep: best the round that scored highest so far (the earlier on a tie), so that
+    rounds which lose accuracy, as mask rounds on a strong head under label skew do (docs/results.md), never
+    replace a better model (a round left unscored, by a crash before its scoring, replaces no scored one); with
+    keep: last, or while nothing has been scored, the latest round."""
+    if policy.keep == LAST or kept is None or kept.score is None or (score is not None and score > kept.score):
+        return Kept(int(index), phase, None if score is None else float(score))
+    return kept
+
+
+def kept_of(policy: Policy, summaries: Iterable[Mapping]) -> Optional[Kept]:
+    """`keep_round` over round summaries in order (round, phase, the `KEPT_BY` score; a skipped round, state
+    "skipped", is no candidate): what a coordinator restarting, or exporting, finds kept."""
+    kept = None
+    for row in summaries:
+        if row.get("state", "closed") == "closed":
+            kept = keep_round(policy, kept, row["round"], row["phase"], row.get(KEPT_BY[row["phase"]]))
+    return kept
 
 
 class Aggregator:
@@ -405,9 +445,11 @@ def head_bits(policy: Policy, num_classes: int, feature_dim: int, input_dim: int
     return 0 if policy.head == KAIMING else 8 * head_nbytes(num_classes, feature_dim)
 
 
-__all__ = ["Aggregator", "CROSS_ENTROPY", "HEAD", "HEADS", "Head", "KAIMING", "LDA", "LINEAR_PROBE",
+__all__ = ["Aggregator", "BEST", "CROSS_ENTROPY", "HEAD", "HEADS", "Head", "KAIMING", "KEEPS", "KEPT_BY", "Kept",
+           "LAST", "LDA", "LINEAR_PROBE",
            "LOCAL_CLASSES", "LOSSES", "LocalTraining", "MASK", "MASK_RULES", "SAMPLE", "THRESHOLD", "VIRTUAL_CLASSES",
            "DeviceTask", "Policy", "RoundPlan", "average_heads", "bounded_weights", "class_anchors",
-           "clients_per_round", "derived_seed", "device_task", "eval_seed", "head_bits", "kaiming_head", "lda_head",
+           "clients_per_round", "derived_seed", "device_task", "eval_seed", "head_bits", "kaiming_head", "keep_round", "kept_of",
+           "lda_head",
            "lda_projection", "plan_round",
            "scale_stats", "train_seed"]

@@ -33,7 +33,8 @@ import numpy as np
 
 from deltamask.codecs import decode as decode_payload
 from deltamask.errors import PayloadError
-from deltamask.federation import HEAD, MASK, Aggregator, DeviceTask, device_task, eval_seed, head_bits, plan_round
+from deltamask.federation import (HEAD, KEPT_BY, MASK, Aggregator, DeviceTask, device_task, eval_seed, head_bits,
+                                  keep_round, kept_of, plan_round)
 from deltamask.headwire import encode_head
 from deltamask.rounds import rebuild_client_mask
 from deltamask.shards import SERIAL, RoundContext, aggregate, make_executor
@@ -176,6 +177,7 @@ class Coordinator:
         self.head_rounds = 0  # head rounds closed
         self.mask_rounds = 0  # mask rounds closed
         self.history: List[Dict] = []
+        self.kept = None  # the round whose model export bakes (deltamask.federation.keep_round)
         self.done = threading.Event()
         self.done_at_start = False  # training was over before this process started (a restart after the end)
         self._stopping = threading.Event()
@@ -208,6 +210,7 @@ class Coordinator:
         rows = s.rounds()
         finished = [r for r in rows if r["state"] != "open"]
         self.history = [r["summary"] for r in finished if r["summary"]]
+        self.kept = kept_of(self.config, self.history)
         if finished:
             self.closed_rounds = finished[-1]["round"]
             self.head_rounds = sum(1 for r in finished if r["phase"] == HEAD and r["state"] == "closed")
@@ -641,7 +644,7 @@ class Coordinator:
             summary["round_close_s"] = round(time.perf_counter() - r.last_upload, 4)
         self.store.close_round(r.round, state, summary)
         crashpoint("close-row")
-        self.store.prune(r.round - 1)
+        self.store.prune(r.round - 1, keep_theta=None if self.kept is None else self.kept.round + 1)
         with self.lock:
             self.wire, self.theta_digest = wire, theta_sha
             if head_sha is not None:
@@ -663,6 +666,9 @@ class Coordinator:
             scores = self.evaluate(self.agg.head, self.thresholds if mask else None, eval_seed(seed))
             summary.update(scores)
             self.store.close_round(summary["round"], summary["state"], summary)
+        if summary["state"] == "closed":
+            self.kept = keep_round(self.config, self.kept, summary["round"], summary["phase"],
+                                   summary.get(KEPT_BY[summary["phase"]]))
         if self.metrics is not None:
             self.metrics.round_closed(summary)
         if self.on_round is not None:

@@ -27,7 +27,7 @@ from typing import Dict, Optional
 
 import numpy as np
 
-from deltamask.federation import MASK, eval_seed
+from deltamask.federation import BEST, HEAD, MASK, eval_seed, kept_of
 from deltamask.headwire import decode_head
 from deltamask.predict import METADATA_KEY
 from deltamask.sampling import sample_mask, thresholds_to_theta
@@ -40,27 +40,34 @@ SCORED_AS = {"expected": "accuracy_expected", "sample": "accuracy", "mode": "acc
 
 
 def final_state(config, facts) -> Dict:
-    """The last closed mask round of the coordinator's state: its theta and head as they travel (wire bytes,
-    checked against the digests in the round's row) and what a model file records of it. ValueError when no
-    mask round has closed yet."""
+    """The kept round of the coordinator's state (`keep: best`: the round that scored best on its held-out data,
+    the head round's head alone included; `keep: last`: the last closed mask round): its theta and head as
+    they travel (wire bytes, checked against the digests in the round's row) and what a model file records of
+    it. ValueError when there is nothing to export yet."""
     from server.store import Store
 
     store = Store(config.state_dir)
     try:
-        rounds = [r for r in store.rounds() if r["state"] == "closed" and r["phase"] == MASK and r["summary"]]
-        if not rounds:
-            raise ValueError(f"{config.state_dir}: no closed mask round to export yet")
-        last = rounds[-1]
-        wire, head_wire = store.load_theta(last["round"] + 1), store.load_head()
+        rows = [r for r in store.rounds() if r["state"] == "closed" and r["summary"]]
+        masks = [r for r in rows if r["phase"] == MASK]
+        kept = kept_of(config, [r["summary"] for r in rows]) if config.keep == BEST else None
+        if kept is None and not masks:
+            raise ValueError(f"{config.state_dir}: no closed round to export yet")
+        row = next(r for r in rows if r["round"] == kept.round) if kept is not None else masks[-1]
+        wire, head_wire = store.load_theta(row["round"] + 1), store.load_head()
+    except FileNotFoundError as exc:
+        raise ValueError(f"{config.state_dir}: the theta of round {row['round']} is gone ({exc.filename})") from None
     finally:
         store.close()
-    if theta_digest(wire) != last["summary"].get("theta_sha256"):
-        raise ValueError(f"{config.state_dir}: the stored theta of round {last['round']} does not match its digest")
+    if theta_digest(wire) != row["summary"].get("next_theta_sha256"):
+        raise ValueError(f"{config.state_dir}: the stored theta of round {row['round']} does not match its digest")
+    phase = row["phase"]
     info = {"backbone": config.backbone, "blocks": config.blocks, "image_size": config.image_size,
             "num_classes": config.num_classes, "feature_dim": facts.feature_dim, "d": facts.d,
-            "theta0": config.theta0, "class_names": class_names(config), "round": last["round"],
-            "seed": last["seed"], "accuracy": last["summary"].get("accuracy"),
-            "accuracies": {m: last["summary"].get(key) for m, key in SCORED_AS.items()},
+            "theta0": config.theta0, "class_names": class_names(config), "round": row["round"], "phase": phase,
+            "seed": row["seed"], "accuracy": row["summary"].get("accuracy"),
+            # after a head round every mask keeps every weight: the head alone, as the round was scored
+            "accuracies": {m: row["summary"].get(key if phase == MASK else "accuracy") for m, key in SCORED_AS.items()},
             "theta_sha256": theta_digest(wire),
             "head_sha256": sha256_hex(head_wire)}
     return {"info": info, "head_wire": head_wire, "wire": wire}
@@ -98,6 +105,8 @@ def final_mask(state: Dict, mask: str) -> np.ndarray:
     if mask not in MASKS:
         raise ValueError(f"mask must be one of {', '.join(MASKS)}, got {mask!r}")
     thresholds = decode_theta(state["wire"], state["info"]["d"])
+    if state["info"].get("phase", MASK) == HEAD:  # the head round kept: the backbone as it was
+        return np.ones(len(thresholds), dtype=bool)
     if mask == "sample":
         return sample_mask(thresholds, eval_seed(state["info"]["seed"]))
     theta = thresholds_to_theta(thresholds)
@@ -116,7 +125,7 @@ def network(state: Dict, mask: str, weights: Optional[str] = "default"):
         raise ValueError(f"{i['backbone']} here masks d = {model.d} weights, the release {i['d']}")
     model.set_head(decode_head(state["head_wire"], i["num_classes"], i["feature_dim"]))
     chosen = final_mask(state, mask)
-    if mask == "expected":  # the very factor the evaluator's expected mask multiplies by: sigmoid(logit(theta))
+    if mask == "expected" and chosen.dtype != bool:  # the very factor the evaluator's expected mask multiplies by: sigmoid(logit(theta))
         model.masks.set_theta(chosen)
         chosen = model.masks.theta()
     masked = model.masks.bake(chosen)
@@ -144,7 +153,8 @@ def write_model(state: Dict, out: Path, fmt: str = "onnx", mask: str = "expected
         raise ValueError(f"export takes image backbones; {i['backbone']} reads {pre.kind}")
     meta = {"backbone": i["backbone"], "blocks": i["blocks"], "image_size": pre.size, "channels": pre.channels,
             "mean": list(pre.mean), "std": list(pre.std), "class_names": i["class_names"], "mask": mask,
-            "round": i["round"], "theta_sha256": i["theta_sha256"], "head_sha256": i["head_sha256"],
+            "round": i["round"], "phase": i.get("phase", MASK), "theta_sha256": i["theta_sha256"],
+            "head_sha256": i["head_sha256"],
             "accuracy": i.get("accuracies", {}).get(mask, i["accuracy"] if mask == "sample" else None)}
     example = torch.zeros(1, pre.channels, pre.size, pre.size)
     out = Path(out)

@@ -253,10 +253,12 @@ class Store:
     def load_head(self) -> Optional[bytes]:
         return self.head_path.read_bytes() if self.head_path.exists() else None
 
-    def prune(self, keep_from: int) -> None:
-        """Delete theta and counts files of rounds before `keep_from` (they are never read again)."""
+    def prune(self, keep_from: int, keep_theta: Optional[int] = None) -> None:
+        """Delete theta and counts files of rounds before `keep_from` (never read again), but theta-`keep_theta`
+        (the kept round's, which `deltamask-server export` reads)."""
         for path in list(self.folder.glob("theta-*.bin")) + list(self.folder.glob("counts-*.npy")):
-            if int(path.stem.split("-")[1]) < keep_from:
+            index = int(path.stem.split("-")[1])
+            if index < keep_from and not (path.suffix == ".bin" and index == keep_theta):
                 path.unlink()
 
     # --- sqlite -------------------------------------------------------------------------------------

@@ -289,3 +289,42 @@ def test_a_restart_that_turns_on_virtual_classes_after_the_head_round_is_refused
     config = replace(c.config, local=LocalTraining(loss="virtual_classes"))
     with pytest.raises(StateError, match="without class anchors"):
         Coordinator(config, ModelFacts(D, "layout", FEATURES, input_dim=12), Store(config.state_dir), clock=clock)
+
+
+def test_keep_best_holds_on_to_the_best_scored_round_its_theta_file_and_a_restart_finds_it(tmp_path):
+    """With held-out scores (scripted here: the accuracy a real evaluator would report), the kept round is the
+    best so far (the head round's head alone included), its theta file outlives pruning, a restart folds the
+    history to the same choice, and keep: last keeps the latest round."""
+    from deltamask.thetawire import theta_digest
+
+    scores = iter([0.80, 0.70, 0.85, 0.60, 0.85, 0.5, 0.5])  # head round, mask rounds 1..6 (a tie keeps round 2)
+    evaluate = lambda head_, thresholds, seed: ({"accuracy": 0.5, "accuracy_expected": next(scores)}  # noqa: E731
+                                                if thresholds is not None else {"accuracy": next(scores)})
+    clock = Clock()
+    c = make(tmp_path, clock, rounds=6)
+    c.evaluate = evaluate
+    ids = join(c, ["a", "b", "c"])
+    head(c, ids)
+    assert (c.kept.round, c.kept.phase, c.kept.score) == (0, HEAD, 0.80)
+    kept_after = []
+    while not c.done.is_set():
+        if c.open is None:
+            c.step()
+        for k, i in enumerate(ids):
+            up = upload(c, i, seed=10 * c.open.round + k)
+            c.submit(i, c.open.round, up.payload, up.reference_digest, {})
+        c.step()
+        kept_after.append(c.kept.round)
+    assert kept_after == [0, 2, 2, 2, 2, 2]
+    path = c.store.theta_path(3)  # the theta round 2 left: pruned once round 5 closed, but kept
+    assert path.exists() and theta_digest(path.read_bytes()) == c.history[2]["next_theta_sha256"]
+    assert not c.store.theta_path(2).exists()  # an earlier round's, not kept: pruned
+    c.store.close()
+    again = make(tmp_path, clock, rounds=6)
+    assert (again.kept.round, again.kept.score) == (2, 0.85)
+    again.store.close()
+    last = make(tmp_path, clock, rounds=6, keep="last")
+    assert last.kept.round == 6
+    last.store.close()
+    with pytest.raises(ValueError, match="keep"):
+        ServerConfig(state_dir=str(tmp_path / "x"), backbone=None, d=D, keep="first").check()

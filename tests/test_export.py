@@ -38,7 +38,8 @@ def federation(tmp_path_factory):
     settings = {"state_dir": str(folder / "state"), "backbone": "tiny", "weights": None, "image_size": 16,
                 "num_classes": 10, "expected_clients": 2, "min_quorum": 2, "rounds": 2, "head": "lda",
                 "lda_covariance": "diag", "codec": "exact", "insecure": True, "theta0": 0.9,
-                "evaluation": {"dataset": "digits", "samples": 300, "seed": 1}, "local": {"batch_size": 32}}
+                "evaluation": {"dataset": "digits", "samples": 300, "seed": 1}, "local": {"batch_size": 32},
+                "keep": "last"}
     (folder / "server.yaml").write_text(yaml.safe_dump(settings))
     config = load_config(folder / "server.yaml")
     facts = model_facts(config)
@@ -115,6 +116,46 @@ def test_the_exported_model_matches_torch_and_scores_what_the_coordinator_report
     assert export(config, facts, federation["folder"] / "default.onnx")["mask"] == "expected"
     # the evaluator scored these very inputs
     assert np.array_equal(score.labels.numpy(), data.labels[held])
+
+
+def test_keep_best_exports_the_round_that_scored_best_and_the_file_scores_it(federation):
+    """keep: best (the default) bakes the round the coordinator scored highest (the expected mask's accuracy,
+    or the head alone after the head round), whichever that is, and the file scores what that round reported."""
+    import dataclasses
+
+    from deltamask.data import prepare_images
+    from deltamask.federation import KEPT_BY, kept_of
+
+    config, facts, history = dataclasses.replace(federation["config"], keep="best"), federation["facts"], \
+        federation["history"]
+    kept = kept_of(config, history)
+    row = next(h for h in history if h["round"] == kept.round)
+    assert kept.score == max(h[KEPT_BY[h["phase"]]] for h in history)
+    out = federation["folder"] / "kept.onnx"
+    meta = export(config, facts, out)
+    assert (meta["round"], meta["phase"], meta["accuracy"]) == (kept.round, kept.phase, kept.score)
+    assert meta["theta_sha256"] == row["next_theta_sha256"]
+    data = load_dataset("digits", "test")
+    held = seeded_subset(len(data.labels), 300, 1)
+    pre = Model("tiny", None, config.blocks, 16, 10).backbone.preprocessing
+    inputs = prepare_images(data.images[held], 16, pre.channels, pre.mean, pre.std).numpy()
+    assert exported_accuracy(Predictor(str(out)), inputs, data.labels[held]) == pytest.approx(kept.score, abs=1e-12)
+    # the head round as the kept one: every weight kept, whichever mask is asked for; the file scores the head
+    head_row = history[0]
+    assert head_row["phase"] == HEAD
+    only = dataclasses.replace(config, state_dir=str(federation["folder"] / "head-only"))
+    import shutil
+
+    shutil.copytree(federation["config"].state_dir, only.state_dir)
+    store = Store(only.state_dir)
+    for h in history[1:]:
+        store.close_round(h["round"], h["state"], {**h, "accuracy_expected": 0.0})  # mask rounds scored worse
+    store.close()
+    for mask in ("expected", "sample", "mode"):
+        meta = export(only, facts, federation["folder"] / f"head-{mask}.onnx", "onnx", mask)
+        assert (meta["round"], meta["phase"]) == (head_row["round"], HEAD)
+        assert exported_accuracy(Predictor(str(federation["folder"] / f"head-{mask}.onnx")), inputs,
+                                 data.labels[held]) == pytest.approx(head_row["accuracy"], abs=1e-12)
 
 
 def test_deltamask_server_export_and_deltamask_predict_from_the_command_line(federation):

@@ -191,3 +191,25 @@ def test_virtual_classes_anchors_are_the_pooled_class_means_of_the_inputs_and_tr
 
 def replace_inputs(s, inputs):
     return LdaStats(s.sums, s.counts, s.second, inputs)
+
+
+def test_keep_round_holds_the_best_scored_round_and_kept_of_folds_a_history_to_it():
+    from deltamask.federation import BEST, KEPT_BY, LAST, Kept, keep_round, kept_of
+
+    best, last = Policy(keep=BEST), Policy(keep=LAST)
+    assert keep_round(best, None, 0, HEAD, 0.80) == Kept(0, HEAD, 0.80)
+    assert keep_round(best, Kept(0, HEAD, 0.80), 1, MASK, 0.79) == Kept(0, HEAD, 0.80)  # worse: not kept
+    assert keep_round(best, Kept(0, HEAD, 0.80), 1, MASK, 0.80) == Kept(0, HEAD, 0.80)  # a tie keeps the earlier
+    assert keep_round(best, Kept(0, HEAD, 0.80), 2, MASK, 0.81) == Kept(2, MASK, 0.81)
+    assert keep_round(best, Kept(2, MASK, 0.81), 3, MASK, None) == Kept(2, MASK, 0.81)  # unscored: no candidate
+    assert keep_round(best, Kept(2, MASK, None), 3, MASK, None) == Kept(3, MASK, None)  # nothing scored: latest
+    assert keep_round(last, Kept(2, MASK, 0.81), 3, MASK, 0.10) == Kept(3, MASK, 0.10)
+    history = [{"round": 0, "phase": HEAD, "state": "closed", "accuracy": 0.80},
+               {"round": 1, "phase": MASK, "state": "closed", "accuracy": 0.99, "accuracy_expected": 0.82},
+               {"round": 2, "phase": MASK, "state": "skipped", "accuracy_expected": 0.95},
+               {"round": 3, "phase": MASK, "state": "closed", "accuracy": 0.70, "accuracy_expected": 0.81}]
+    assert KEPT_BY == {HEAD: "accuracy", MASK: "accuracy_expected"}
+    assert kept_of(best, history) == Kept(1, MASK, 0.82)  # by the expected mask; a skipped round is none
+    assert kept_of(last, history) == Kept(3, MASK, 0.81) and kept_of(best, []) is None
+    with pytest.raises(ValueError, match="keep"):
+        Policy(keep="first").check()

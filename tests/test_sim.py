@@ -1,4 +1,5 @@
 """The simulator end to end on a tiny backbone and scikit-learn's digits (seconds, not minutes)."""
+import dataclasses
 import json
 import subprocess
 import sys
@@ -153,3 +154,31 @@ def test_a_conditional_codec_runs_the_same_rounds_in_fewer_bits_or_with_fewer_fa
         assert max(extra_bytes) <= 4  # three varints; each position then costs log2(d/|U|) bits less
     else:
         assert sum(r["false_flips"] for r in cond) < sum(r["false_flips"] for r in rows)
+
+
+def test_keep_best_chooses_by_validation_images_never_the_test_images():
+    """With val_samples, every round is scored on training images the federation's subset leaves out as well;
+    the kept round is the best of those scores so far (the head round included) and kept_accuracy is that
+    round's test score; with keep: last it is the latest round. Too many validation images: a clear error."""
+    from deltamask.data import load_dataset, seeded_subset
+    from deltamask.errors import DataError
+    from deltamask.federation import KEPT_BY, kept_of
+    from deltamask.learn.sim import validation_images
+
+    config = SimConfig(**{**TINY, "train_samples": 600, "val_samples": 300, "test_samples": 200, "rounds": 4,
+                          "head": "lda", "lda_covariance": "diag", "codec": "exact", "theta0": 0.9})
+    rows = list(run(config, progress=False))
+    for k, row in enumerate(rows):
+        key = KEPT_BY[row["phase"]]
+        assert 0 < row["val_" + key] <= 1 and 0 < row[key] <= 1
+        kept = kept_of(config, [{**r, key_: r["val_" + key_]} for r in rows[:k + 1] for key_ in [KEPT_BY[r["phase"]]]])
+        assert row["kept_round"] == kept.round
+        assert row["kept_accuracy"] == rows[kept.round][KEPT_BY[rows[kept.round]["phase"]]]
+    assert [r["val_accuracy"] for r in rows] != [r["accuracy"] for r in rows]  # two sets of images
+    n = len(load_dataset("digits", "train").labels)
+    val = validation_images(n, config)
+    assert len(val) == 300 and not set(val) & set(seeded_subset(n, 600, config.seed))
+    last = list(run(dataclasses.replace(config, keep="last"), progress=False))
+    assert [r["kept_round"] for r in last] == [r["round"] for r in last]
+    with pytest.raises(DataError, match="val_samples"):
+        list(run(dataclasses.replace(config, val_samples=n), progress=False))

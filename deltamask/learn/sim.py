@@ -29,8 +29,8 @@ from deltamask.codecs import decode as decode_payload
 from deltamask.codecs import get_codec
 from deltamask.codecs.conditional import undecided
 from deltamask.errors import CheckpointError, DataError, DeltaMaskError
-from deltamask.federation import (HEAD, THRESHOLD, VIRTUAL_CLASSES, Aggregator, LocalTraining, Policy, device_task,
-                                  head_bits, plan_round)
+from deltamask.federation import (HEAD, KEPT_BY, THRESHOLD, VIRTUAL_CLASSES, Aggregator, Kept, LocalTraining, Policy,
+                                  device_task, head_bits, keep_round, plan_round)
 from deltamask.headwire import encode_head
 from deltamask.learn.masking import IDENTITY
 from deltamask.shards import RoundContext, Serial, aggregate
@@ -52,6 +52,10 @@ class SimConfig(Policy):
     data_root: Optional[str] = None
     train_samples: int = 6000  # a training subset, split over the clients
     test_samples: int = 2000
+    # validation images: training images outside the federation's subset, scored every round as val_<key>;
+    # keep: best chooses by them (never by the test images), so kept_accuracy is a test score of a choice
+    # made elsewhere. 0: none (the last round is kept)
+    val_samples: int = 0
     clients: int = 10
     alpha: float = 10.0  # Dirichlet concentration over classes (10: IID-like, 0.1: non-IID)
     min_per_client: int = 10
@@ -92,9 +96,38 @@ def build(c: SimConfig, held_out: bool = True, devices=True):
     evaluate = None
     if held_out:
         held = seeded_subset(len(test.labels), c.test_samples, c.seed + 1)
-        evaluate = Evaluator(model, model.prefix(test.images[held], cache=cache, runtime=c.prefix_runtime),
-                             test.labels[held])
+        evaluate = HeldOut(Evaluator(model, model.prefix(test.images[held], cache=cache, runtime=c.prefix_runtime),
+                                     test.labels[held]))
+        if c.val_samples:
+            val = validation_images(len(train.labels), c)
+            evaluate.val = Evaluator(model, model.prefix(train.images[val], cache=cache, runtime=c.prefix_runtime),
+                                     train.labels[val])
     return model, learners, evaluate, num_classes
+
+
+def validation_images(n: int, c: SimConfig) -> np.ndarray:
+    """Indices of `val_samples` training images the federation's subset leaves out (seed + 2)."""
+    from deltamask.data import seeded_subset
+
+    rest = np.setdiff1d(np.arange(n), seeded_subset(n, c.train_samples, c.seed))
+    if len(rest) < c.val_samples:
+        raise DataError(f"val_samples = {c.val_samples}, but the training subset of {c.train_samples} leaves "
+                        f"{len(rest)} of the {n} training images out: lower one of them")
+    return rest[seeded_subset(len(rest), c.val_samples, c.seed + 2)]
+
+
+class HeldOut:
+    """The simulator's held-out scores: the test images' (`test`), and the validation images' (`val`, when
+    there are any) under the same keys prefixed val_."""
+
+    def __init__(self, test, val=None) -> None:
+        self.test, self.val = test, val
+
+    def __call__(self, *args, **kwargs) -> Dict:
+        scores = self.test(*args, **kwargs)
+        if self.val is not None:
+            scores.update({f"val_{key}": v for key, v in self.val(*args, **kwargs).items()})
+        return scores
 
 
 class InProcess:
@@ -224,6 +257,8 @@ class Federation:
                               self.model.input_dim if c.local.loss == VIRTUAL_CLASSES else 0)
         self.heads_done = self.masks_done = 0
         self.wire = self.agg.theta_wire()  # the global theta as it travels, encoded once a round
+        self.kept: Optional[Kept] = None  # the round whose model the federation leaves behind (keep_round)
+        self.kept_accuracy: Optional[float] = None  # its test score
 
     def start(self) -> Optional[Dict]:
         """A seeded Kaiming head is scored before the first round (None for the other heads)."""
@@ -261,7 +296,8 @@ class Federation:
         a = self.agg
         meta = {"config": _plain(dataclasses.asdict(self.config)), "next_index": next_index,
                 "heads_done": self.heads_done, "masks_done": self.masks_done, "masks": a.counts.masks,
-                "head": a.head is not None, "offset": a._offset is not None}
+                "head": a.head is not None, "offset": a._offset is not None,
+                "kept": None if self.kept is None else [*dataclasses.astuple(self.kept), self.kept_accuracy]}
         empty = np.zeros(0, np.float32)
         arrays = {"meta": np.frombuffer(json.dumps(meta).encode(), np.uint8), "ones": a.counts.ones,
                   "wire": np.frombuffer(self.wire, np.uint8), "offset": empty if a._offset is None else a._offset,
@@ -305,6 +341,9 @@ class Federation:
         if meta["offset"]:
             a._offset = arrays["offset"]
         self.heads_done, self.masks_done = meta["heads_done"], meta["masks_done"]
+        if meta.get("kept"):
+            *kept, self.kept_accuracy = meta["kept"]
+            self.kept = Kept(*kept)
         return meta["next_index"]
 
     def open(self, plan) -> Work:
@@ -319,9 +358,17 @@ class Federation:
     def close(self, plan, work: Work, replies: Dict[str, Tuple[object, float]], seconds: float = 0.0) -> Dict:
         """Combine {name: (reply, seconds of its work)} (`seconds`: the whole round's wait for them)."""
         if plan.phase == HEAD:
-            return self._close_head(plan, work, replies, seconds)
+            return self._keep(self._close_head(plan, work, replies, seconds))
         row = self._close_weights(plan, replies) if work.offset is not None else self._close_mask(plan, work, replies)
-        return {**row, "fleet_s": round(seconds, 3)}  # the wall time the selected devices took, all together
+        return self._keep({**row, "fleet_s": round(seconds, 3)})  # fleet_s: the selected devices' wall time
+
+    def _keep(self, row: Dict) -> Dict:
+        """The row with the model kept so far (`keep_round` by the validation score): its round and test score."""
+        key = KEPT_BY[row["phase"]]
+        kept = keep_round(self.config, self.kept, row["round"], row["phase"], row.get("val_" + key))
+        if kept is not self.kept:
+            self.kept, self.kept_accuracy = kept, row[key]
+        return {**row, "kept_round": kept.round, "kept_accuracy": self.kept_accuracy}
 
     def _close_head(self, plan, work: Work, replies, seconds: float) -> Dict:
         c, started = self.config, time.perf_counter()
