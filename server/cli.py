@@ -44,7 +44,7 @@ def main(argv: Optional[List[str]] = None) -> int:
         ("serve", "run the coordinator"), ("tls", "make a CA (once) and a server certificate in state_dir/tls"),
         ("client-cert", "make a client certificate from the CA (mutual TLS)"),
         ("token", "make an enrollment token and print it"), ("operator", "make the operator credential's file"),
-        ("export", "write the fine-tuned model (final mask and head) as one ONNX or TorchScript file"))}
+        ("export", "write the fine-tuned model (the kept round's mask and the head) as one ONNX or TorchScript file"))}
     for p in commands.values():
         p.add_argument("--config", required=True, help="YAML configuration (see server/example.yaml)")
         p.add_argument("--log-level", default="INFO")
@@ -61,7 +61,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     commands["export"].add_argument("--format", choices=("onnx", "torch"), default="onnx")
     commands["export"].add_argument("--mask", choices=MASKS, default="expected",
                                     help="expected: every masked weight times its theta (default); sample: the "
-                                         "seeded sample the last round was scored with; mode: theta >= 1/2")
+                                         "seeded sample the kept round was scored with; mode: theta >= 1/2")
     args = parser.parse_args(argv)
     logging.basicConfig(level=args.log_level.upper(), stream=sys.stderr,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")

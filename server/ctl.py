@@ -9,7 +9,7 @@
 Commands: `status` (round, phase, devices registered and online), `devices` (name, kind, online, last seen),
 `rounds` (each round: phase, state, selected and received, accuracy with a sampled mask and of the expected
 network, uplink and downlink bpp), `export`
-(the fine-tuned model as one ONNX or TorchScript file, built here from the last mask round's theta and head:
+(the fine-tuned model as one ONNX or TorchScript file, built here from the kept round's theta and head:
 the file `deltamask-server export` writes, away from the coordinator; needs torch and the backbone's
 weights), `energy` (joules per device and phase per round, from the measurements the devices sent with their updates: an
 INA219, INA3221 or RAPL meter on the device), `watch` (status and the last rounds, redrawn every
@@ -63,7 +63,7 @@ class Operator:
         return {"name": name, "device_id": reply.device_id, "was_revoked": reply.was_revoked}
 
     def release(self, limit: int = 4 << 30) -> bytes:
-        """The coordinator's last closed mask round as a release (server/export.py), fetched in chunks."""
+        """The coordinator's kept round as a release (server/export.py), fetched in chunks."""
         from deltamask.transfer import Assembler
 
         parts = None

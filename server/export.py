@@ -1,5 +1,6 @@
-"""The model a federation leaves behind: the pretrained backbone with the final mask applied, and the head, as
-one file that carries its preprocessing.
+"""The model a federation leaves behind: the pretrained backbone with the kept round's mask applied (`keep: best`,
+the default: the round the coordinator's evaluation scored highest, the head alone included; `keep: last`: the
+last mask round), and the head, as one file that carries its preprocessing.
 
     deltamask-server export --config server.yaml --out model.onnx [--format onnx|torch] [--mask expected|sample|mode]
     deltamask-predict model.onnx shirt.png boot.jpg            # classes and scores (deltamask/predict.py)
@@ -17,8 +18,9 @@ baked: w * m for every masked weight, so the file is a plain network of the back
 
 The JSON: backbone, blocks, image_size, channels, mean, std (preprocessing: scale to [0, 1], grayscale
 repeated to 3 channels or colour to luma, resize to S x S bilinear, normalise per channel), class_names,
-mask, round, theta_sha256, head_sha256, and the accuracy the coordinator reported for that round with that mask
-(null when the coordinator does not evaluate).
+mask, round, phase (mask, or head when the head round is kept: every weight kept, whichever mask), theta_sha256,
+head_sha256, and the accuracy the coordinator reported for that round with that mask (null when the coordinator
+does not evaluate).
 """
 import json
 import struct

@@ -12,7 +12,8 @@
 | deltamask_downlink_bytes_total | counter | | theta bytes served (FetchTheta) |
 | deltamask_round_uplink_bpp, deltamask_round_downlink_bpp | gauge | phase | the last closed round's bits per parameter |
 | deltamask_round_accuracy | gauge | phase | the last closed round's held-out accuracy, a sampled mask (when evaluation is configured) |
-| deltamask_round_accuracy_expected | gauge | | the last mask round's expected network w * theta, the model `export` writes by default |
+| deltamask_round_accuracy_expected | gauge | | the last mask round's expected network w * theta (the mask `export` bakes by default) |
+| deltamask_kept_round | gauge | | the round `export` bakes (`keep`: best or last; -1 before any closed) |
 | deltamask_decode_seconds | histogram | phase | decoding and checking one update |
 | deltamask_round_close_seconds | histogram | phase | closing a round (aggregation, theta, fsyncs) |
 | deltamask_rpc_seconds | histogram | method, code | every Coordinator RPC, by its final status code |
@@ -107,6 +108,8 @@ class _State:
         yield phase
         yield GaugeMetricFamily("deltamask_devices_registered", "enrolled devices", value=s["registered"])
         yield GaugeMetricFamily("deltamask_devices_online", "devices heard from lately", value=s["online"])
+        kept = self.coordinator.kept
+        yield GaugeMetricFamily("deltamask_kept_round", "the round export bakes", value=-1 if kept is None else kept.round)
 
 
 class RpcTimer(grpc.aio.ServerInterceptor):

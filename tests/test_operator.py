@@ -117,6 +117,8 @@ def test_the_metrics_endpoint_counts_rounds_bytes_devices_energy_and_rpcs(fleet)
     mask = wait_for_mask_round(fleet)[1]  # held-out scores: a sampled mask, and the expected network export writes
     assert m[("deltamask_round_accuracy", (("phase", "mask"),))] == pytest.approx(mask["accuracy"])
     assert m[("deltamask_round_accuracy_expected", ())] == pytest.approx(mask["accuracy_expected"])
+    code, out, _ = ctl(fleet, "--json", "rounds")  # keep: best over the scores the operator sees
+    assert code == 0 and m[("deltamask_kept_round", ())] == kept_of(Policy(), json.loads(out)).round
 
 
 def ctl(fleet, *args):

@@ -13,10 +13,12 @@ from deltamask.learn.sim import Federation, SimConfig
 from deltamask.sampling import theta_to_thresholds
 
 alpha, clients = float(sys.argv[1]), int(sys.argv[2])
+SHRINK = [float(x) for x in sys.argv[3].split(",")] if len(sys.argv) > 3 else (0.01, 0.1, 0.3)
+PROBE = len(sys.argv) <= 3  # the one-round linear probe too, unless shrinkages are named
 base = SimConfig(head="kaiming", train_samples=12000, test_samples=3000, clients=clients, seed=0, alpha=alpha, cache_dir=".prefix-cache")
 fed = Federation(base)
-variants = [dict(head="lda", lda_covariance="full", lda_shrinkage=s) for s in (0.01, 0.1, 0.3)]
-variants += [dict(head="linear_probe", head_rounds=1, local=LocalTraining(head_epochs=20, head_lr=1e-3))]
+variants = [dict(head="lda", lda_covariance="full", lda_shrinkage=s) for s in SHRINK]
+variants += [dict(head="linear_probe", head_rounds=1, local=LocalTraining(head_epochs=20, head_lr=1e-3))] if PROBE else []
 for v in variants:
     policy = dataclasses.replace(base, **v)
     agg = Aggregator(policy, fed.d, fed.agg.num_classes, fed.agg.feature_dim)
