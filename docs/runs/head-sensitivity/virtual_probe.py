@@ -1,0 +1,42 @@
+"""A linear probe trained on virtual features drawn from the federation's class Gaussians (means and the shared
+covariance the FiT-LDA head round sums): its accuracy and what a sampled mask costs it.
+
+    python docs/runs/head-sensitivity/virtual_probe.py 0.1 30 1000 20 0.001 > virtual-probe-skew.jsonl
+"""
+import json, sys, os
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+import numpy as np, torch
+from torch import nn
+from deltamask.learn.sim import Federation, SimConfig
+from deltamask.learn.training import features_of, linear_probe
+from deltamask.learn.masking import FIXED, SAMPLE
+from deltamask.sampling import theta_to_thresholds
+torch.set_num_threads(1)
+alpha, clients = float(sys.argv[1]), int(sys.argv[2])
+per_class, epochs, lr = int(sys.argv[3]), int(sys.argv[4]), float(sys.argv[5])
+base = SimConfig(head="lda", train_samples=12000, test_samples=3000, clients=clients, seed=0, alpha=alpha, cache_dir=".prefix-cache")
+fed = Federation(base)
+m = fed.model
+m.masks.set_mode(FIXED, np.ones(m.d, bool))
+F = torch.cat([features_of(m.backbone.masked, l.inputs).detach() for l in fed.fleet.learners.values()]).double()
+Y = torch.cat([l.labels for l in fed.fleet.learners.values()])
+m.masks.set_mode(SAMPLE)
+C = 10
+mu = torch.stack([F[Y == c].mean(0) for c in range(C)])
+R = F - mu[Y]
+S = R.T @ R / len(F)
+S = 0.99 * S + 0.01 * torch.eye(len(S), dtype=S.dtype) * S.diagonal().mean()
+L = torch.linalg.cholesky(S)
+g = torch.Generator().manual_seed(0)
+Z = torch.randn(C * per_class, len(S), generator=g, dtype=torch.float64)
+labels = torch.arange(C).repeat_interleave(per_class)
+V = (mu[labels] + Z @ L.T).float()
+head = linear_probe(V, labels, C, epochs=epochs, lr=lr, batch_size=64, seed=0)
+out = {"per_class": per_class, "epochs": epochs, "lr": lr, "alone": fed.evaluate.test(head)["accuracy"],
+       "w_norm": float(np.linalg.norm(head[0])), "bias_absmax": float(np.abs(head[1]).max())}
+for t in (0.99, 0.999):
+    th = theta_to_thresholds(np.full(m.d, t))
+    s = [fed.evaluate.test(head, th, seed) for seed in (1, 2)]
+    out[f"sampled@{t}"] = [round(x["accuracy"], 4) for x in s]; out[f"expected@{t}"] = round(s[0]["accuracy_expected"], 4)
+print(json.dumps(out), flush=True)
+
