@@ -449,7 +449,7 @@ __all__ = ["Aggregator", "BEST", "CROSS_ENTROPY", "HEAD", "HEADS", "Head", "KAIM
            "LAST", "LDA", "LINEAR_PROBE",
            "LOCAL_CLASSES", "LOSSES", "LocalTraining", "MASK", "MASK_RULES", "SAMPLE", "THRESHOLD", "VIRTUAL_CLASSES",
            "DeviceTask", "Policy", "RoundPlan", "average_heads", "bounded_weights", "class_anchors",
-           "clients_per_round", "derived_seed", "device_task", "eval_seed", "head_bits", "kaiming_head", "keep_round", "kept_of",
-           "lda_head",
+           "clients_per_round", "derived_seed", "device_task", "eval_seed", "head_bits", "kaiming_head",
+           "keep_round", "kept_of", "lda_head",
            "lda_projection", "plan_round",
            "scale_stats", "train_seed"]

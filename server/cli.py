@@ -127,7 +127,8 @@ def export_model(config, args) -> int:
     from server.export import export
 
     meta = export(config, model_facts(config), Path(args.out), args.format, args.mask)
-    print(json.dumps({"out": args.out, **{k: meta[k] for k in ("round", "mask", "accuracy", "theta_sha256")}}))
+    keys = ("round", "phase", "mask", "accuracy", "theta_sha256")
+    print(json.dumps({"out": args.out, **{k: meta[k] for k in keys}}))
     return 0
 
 

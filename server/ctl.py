@@ -223,7 +223,7 @@ def main(argv: Optional[List[str]] = None) -> int:
             from server.export import unpack_release, write_model
 
             meta = write_model(unpack_release(op.release()), args.out, args.format, args.mask, args.weights)
-            print(json.dumps({"out": str(args.out), **{k: meta[k] for k in ("round", "mask", "accuracy",
+            print(json.dumps({"out": str(args.out), **{k: meta[k] for k in ("round", "phase", "mask", "accuracy",
                                                                              "theta_sha256")}}))
             return 0
         if args.command == "plot":

@@ -127,7 +127,7 @@ def network(state: Dict, mask: str, weights: Optional[str] = "default"):
         raise ValueError(f"{i['backbone']} here masks d = {model.d} weights, the release {i['d']}")
     model.set_head(decode_head(state["head_wire"], i["num_classes"], i["feature_dim"]))
     chosen = final_mask(state, mask)
-    if mask == "expected" and chosen.dtype != bool:  # the very factor the evaluator's expected mask multiplies by: sigmoid(logit(theta))
+    if mask == "expected" and chosen.dtype != bool:  # the evaluator's expected factor: sigmoid(logit(theta))
         model.masks.set_theta(chosen)
         chosen = model.masks.theta()
     masked = model.masks.bake(chosen)

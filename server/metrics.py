@@ -109,7 +109,8 @@ class _State:
         yield GaugeMetricFamily("deltamask_devices_registered", "enrolled devices", value=s["registered"])
         yield GaugeMetricFamily("deltamask_devices_online", "devices heard from lately", value=s["online"])
         kept = self.coordinator.kept
-        yield GaugeMetricFamily("deltamask_kept_round", "the round export bakes", value=-1 if kept is None else kept.round)
+        yield GaugeMetricFamily("deltamask_kept_round", "the round export bakes",
+                                value=-1 if kept is None else kept.round)
 
 
 class RpcTimer(grpc.aio.ServerInterceptor):

@@ -167,6 +167,7 @@ def test_deltamask_server_export_and_deltamask_predict_from_the_command_line(fed
     assert run.returncode == 0, run.stderr
     printed = json.loads(run.stdout)
     assert printed["round"] == federation["history"][-1]["round"] and printed["mask"] == "expected"
+    assert printed["phase"] == "mask"  # keep: last
     data = load_dataset("digits", "test")
     paths = []
     for k in range(3):
