@@ -8,29 +8,15 @@ import json, sys, os, dataclasses
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 import numpy as np, torch
 from deltamask.learn.sim import Federation, SimConfig
-from deltamask.learn.training import features_of, linear_probe
-from deltamask.learn.masking import FIXED, SAMPLE
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from virtual_probe import virtual_probe  # noqa: E402
 torch.set_num_threads(1)
 theta0, rounds = float(sys.argv[1]), int(sys.argv[2])
 config = SimConfig(head="lda", lda_covariance="full", train_samples=12000, test_samples=10000, val_samples=10000,
                    clients=30, alpha=0.1, rho=0.2, rounds=rounds, seed=0, theta0=theta0, cache_dir=".prefix-cache")
 print(json.dumps({"config": dataclasses.asdict(config), "driver": "ccvr linear probe, 1000 a class, 20 epochs, lr 1e-3"}), flush=True)
 fed = Federation(config)
-m = fed.model
-m.masks.set_mode(FIXED, np.ones(m.d, bool))
-F = torch.cat([features_of(m.backbone.masked, l.inputs).detach() for l in fed.fleet.learners.values()]).double()
-Y = torch.cat([l.labels for l in fed.fleet.learners.values()])
-m.masks.set_mode(SAMPLE)
-C = 10
-mu = torch.stack([F[Y == c].mean(0) for c in range(C)])
-R = F - mu[Y]
-S = R.T @ R / len(F)
-S = 0.99 * S + 0.01 * torch.eye(len(S), dtype=S.dtype) * S.diagonal().mean()
-L = torch.linalg.cholesky(S)
-g = torch.Generator().manual_seed(0)
-labels = torch.arange(C).repeat_interleave(1000)
-V = (mu[labels] + torch.randn(len(labels), len(S), generator=g, dtype=torch.float64) @ L.T).float()
-probe = linear_probe(V, labels, C, epochs=20, lr=1e-3, batch_size=64, seed=0)
+probe = virtual_probe(fed, 1000, 20, 1e-3)
 for row in fed.rounds(progress=None):
     print(json.dumps(row), flush=True)
     if row["phase"] == "head":
