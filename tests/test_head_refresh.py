@@ -1,0 +1,36 @@
+"""benchmarks/head_refresh.py: the FiT-LDA head re-fit on a federation's masked network, from its checkpoint."""
+import json
+
+import numpy as np
+
+from deltamask.learn.sim import SimConfig, build, run
+from deltamask.sampling import ONE
+from tests.scripts import load_script
+from tests.test_sim import TINY
+
+refresh = load_script("head_refresh")
+CONFIG = dict(TINY, head="lda", lda_covariance="full", clients=3, rounds=2, rho=1.0, theta0=0.99)
+
+
+def test_a_refit_on_the_untouched_network_is_the_head_round_s_head(tmp_path):
+    config = SimConfig(**CONFIG)
+    head = [r for r in run(config, progress=False, checkpoint=tmp_path / "run.npz") if r["phase"] == "head"][0]
+    model, learners, _, num_classes = build(config, held_out=False)
+    weight, bias = refresh.refit_head(config, model, learners, num_classes, np.full(model.d, ONE, np.uint32))
+    _, _, (old_weight, old_bias) = refresh.load(tmp_path / "run.npz")
+    assert head["head_sha256"]  # the head round ran; its head is the checkpoint's
+    np.testing.assert_allclose(weight, old_weight, rtol=1e-3, atol=1e-3 * np.abs(old_weight).max())
+    np.testing.assert_allclose(bias, old_bias, rtol=1e-3, atol=1e-3 * np.abs(old_bias).max())
+
+
+def test_the_script_scores_the_old_and_the_re_fit_head_on_the_round_s_sample(tmp_path, capsys):
+    config = SimConfig(**CONFIG)
+    rows = [r for r in run(config, progress=False, checkpoint=tmp_path / "run.npz") if r["phase"] == "mask"]
+    assert refresh.main([str(tmp_path / "run.npz")]) == 0
+    (line,) = capsys.readouterr().out.splitlines()
+    row = json.loads(line)
+    assert row["mask_rounds"] == 2
+    # the old head on the run's last theta and evaluation mask: the scores the run logged for that round
+    for key in ("accuracy", "accuracy_expected", "accuracy_mode"):
+        assert row[f"old_{key}"] == rows[-1][key]
+    assert 0 <= row["new_accuracy_expected"] <= 1
