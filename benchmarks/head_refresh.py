@@ -23,9 +23,11 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import numpy as np  # noqa: E402
 
-from deltamask.federation import Aggregator, LocalTraining, eval_seed  # noqa: E402
+from deltamask.federation import (Aggregator, LocalTraining, bounded_weights, eval_seed, lda_head,  # noqa: E402
+                                  scale_stats)
+from deltamask.headwire import LdaStats  # noqa: E402
 from deltamask.headwire import encode_lda_stats  # noqa: E402
-from deltamask.learn.masking import EXPECTED  # noqa: E402
+from deltamask.learn.masking import EXPECTED, FIXED  # noqa: E402
 from deltamask.learn.sim import SimConfig, build  # noqa: E402
 from deltamask.learn.training import features_of, lda_statistics  # noqa: E402
 from deltamask.sampling import round_seed, thresholds_to_theta  # noqa: E402
@@ -44,17 +46,42 @@ def config_of(meta) -> SimConfig:
     return SimConfig(**plain)
 
 
-def refit_head(config: SimConfig, model, learners, num_classes: int, thresholds: np.ndarray):
-    """The FiT-LDA head of every device's statistics on the expected network theta * w (`thresholds`: the global
-    theta as it travels), combined as the head round combines them (W and b; class anchors are not re-sent)."""
-    plain = dataclasses.replace(config, local=dataclasses.replace(config.local, loss="local_classes"))
-    model.masks.set_theta(thresholds_to_theta(thresholds))
-    model.masks.set_mode(EXPECTED)
-    agg, shares = Aggregator(plain, model.d, num_classes, model.feature_dim), {}
-    for name, learner in learners.items():  # through the head round's wire format, as a device sends them
+def device_stats(model, learners, num_classes: int, agg: Aggregator, mode: str):
+    """{name: (LDA statistics, examples)} of every device on the network in mask `mode` (EXPECTED: theta * w as
+    set; FIXED: every weight kept), through the head round's wire format, as a device sends them."""
+    model.masks.set_mode(mode, np.ones(model.d, dtype=bool) if mode == FIXED else None)
+    shares = {}
+    for name, learner in learners.items():
         stats = lda_statistics(features_of(model.net[0], learner.inputs), learner.labels, num_classes, "full")
         shares[name] = (agg.decode_share(encode_lda_stats(stats, "full")), len(learner.labels))
-    return agg.close_head(shares, 0)
+    return shares
+
+
+def refit_head(config: SimConfig, model, learners, num_classes: int, thresholds: np.ndarray,
+               means_only: bool = False):
+    """The FiT-LDA head of every device's statistics on the expected network theta * w (`thresholds`: the global
+    theta as it travels), combined as the head round combines them (W and b; class anchors are not re-sent).
+    means_only: the class means of the expected network with the head round's covariance (what a round that
+    re-sends only the class sums and counts would give: 10 x 1,280 float32 for MobileNetV2, 0.25 bpp)."""
+    plain = dataclasses.replace(config, local=dataclasses.replace(config.local, loss="local_classes"))
+    agg = Aggregator(plain, model.d, num_classes, model.feature_dim)
+    model.masks.set_theta(thresholds_to_theta(thresholds))
+    new = device_stats(model, learners, num_classes, agg, EXPECTED)
+    if not means_only:
+        return agg.close_head(new, 0)
+    old = device_stats(model, learners, num_classes, agg, FIXED)
+
+    def summed(shares):  # weighted as close_head weighs them
+        ordered = [shares[name] for name in sorted(shares)]
+        weights = bounded_weights([n for _, n in ordered])
+        stats = [scale_stats(s, w / max(float(s.counts.sum()), 1.0)) for (s, _), w in zip(ordered, weights)]
+        sums, counts = sum(s.sums for s in stats), sum(s.counts for s in stats)
+        means = sums / np.maximum(counts, 1)[:, None]
+        return sums, counts, sum(s.second for s in stats), (means.T * counts) @ means
+
+    _, _, second, between_old = summed(old)
+    sums, counts, _, between_new = summed(new)
+    return lda_head([LdaStats(sums, counts, second - between_old + between_new)], config.lda_shrinkage)
 
 
 def main(argv=None) -> int:
@@ -75,9 +102,11 @@ def main(argv=None) -> int:
         started = time.perf_counter()
         thresholds = decode_theta(wire, model.d)
         new = refit_head(config, model, learners, num_classes, thresholds)
+        means = refit_head(config, model, learners, num_classes, thresholds, means_only=True)
         seed = eval_seed(round_seed(config.seed, meta["next_index"] - 1))  # the sampled mask the run scored
         scores = {**{f"old_{k}": v for k, v in held_out(head, thresholds, seed).items()},
-                  **{f"new_{k}": v for k, v in held_out(new, thresholds, seed).items()}}
+                  **{f"new_{k}": v for k, v in held_out(new, thresholds, seed).items()},
+                  **{f"means_{k}": v for k, v in held_out(means, thresholds, seed).items()}}
         print(json.dumps({"checkpoint": os.path.basename(path), "mask_rounds": meta["masks_done"], **scores,
                           "seconds": round(time.perf_counter() - started, 1)}), flush=True)
     return 0

@@ -16,11 +16,18 @@ def test_a_refit_on_the_untouched_network_is_the_head_round_s_head(tmp_path):
     config = SimConfig(**CONFIG)
     head = [r for r in run(config, progress=False, checkpoint=tmp_path / "run.npz") if r["phase"] == "head"][0]
     model, learners, _, num_classes = build(config, held_out=False)
-    weight, bias = refresh.refit_head(config, model, learners, num_classes, np.full(model.d, ONE, np.uint32))
     _, _, (old_weight, old_bias) = refresh.load(tmp_path / "run.npz")
     assert head["head_sha256"]  # the head round ran; its head is the checkpoint's
-    np.testing.assert_allclose(weight, old_weight, rtol=1e-3, atol=1e-3 * np.abs(old_weight).max())
-    np.testing.assert_allclose(bias, old_bias, rtol=1e-3, atol=1e-3 * np.abs(old_bias).max())
+    untouched = np.full(model.d, ONE, np.uint32)
+    for means_only in (False, True):  # the whole statistics again, or the class means with the old covariance
+        weight, bias = refresh.refit_head(config, model, learners, num_classes, untouched, means_only)
+        np.testing.assert_allclose(weight, old_weight, rtol=1e-3, atol=1e-3 * np.abs(old_weight).max())
+        np.testing.assert_allclose(bias, old_bias, rtol=1e-3, atol=1e-3 * np.abs(old_bias).max())
+    # on a network a mask changed, the two re-fits differ from the old head and from each other
+    theta = np.where(np.arange(model.d) % 3 == 0, ONE // 2, ONE).astype(np.uint32)
+    full = refresh.refit_head(config, model, learners, num_classes, theta)
+    means = refresh.refit_head(config, model, learners, num_classes, theta, means_only=True)
+    assert not np.allclose(full[0], old_weight, rtol=1e-2) and not np.allclose(means[0], full[0], rtol=1e-2)
 
 
 def test_the_script_scores_the_old_and_the_re_fit_head_on_the_round_s_sample(tmp_path, capsys):
@@ -33,4 +40,4 @@ def test_the_script_scores_the_old_and_the_re_fit_head_on_the_round_s_sample(tmp
     # the old head on the run's last theta and evaluation mask: the scores the run logged for that round
     for key in ("accuracy", "accuracy_expected", "accuracy_mode"):
         assert row[f"old_{key}"] == rows[-1][key]
-    assert 0 <= row["new_accuracy_expected"] <= 1
+    assert 0 <= row["new_accuracy_expected"] <= 1 and 0 <= row["means_accuracy_expected"] <= 1
