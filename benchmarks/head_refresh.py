@@ -9,7 +9,8 @@ it travels. Every simulated device computes its LDA statistics on the features o
 theta * w (what `deltamask-server export` bakes), as a head round computes them on the unmasked one; the
 aggregator sums them into a new head (`Aggregator.close_head`: the sums do not depend on the split, so this is
 the head a refresh round of every device would give, at the head round's bits again). The network is scored
-with the old head and the new one.
+with the old head (old_*), the re-fitted one (new_*) and one of the new class means with the old covariance
+(means_*).
 """
 import argparse
 import dataclasses
@@ -25,8 +26,7 @@ import numpy as np  # noqa: E402
 
 from deltamask.federation import (Aggregator, LocalTraining, bounded_weights, eval_seed, lda_head,  # noqa: E402
                                   scale_stats)
-from deltamask.headwire import LdaStats  # noqa: E402
-from deltamask.headwire import encode_lda_stats  # noqa: E402
+from deltamask.headwire import LdaStats, encode_lda_stats  # noqa: E402
 from deltamask.learn.masking import EXPECTED, FIXED  # noqa: E402
 from deltamask.learn.sim import SimConfig, build  # noqa: E402
 from deltamask.learn.training import features_of, lda_statistics  # noqa: E402
@@ -57,18 +57,16 @@ def device_stats(model, learners, num_classes: int, agg: Aggregator, mode: str):
     return shares
 
 
-def refit_head(config: SimConfig, model, learners, num_classes: int, thresholds: np.ndarray,
-               means_only: bool = False):
-    """The FiT-LDA head of every device's statistics on the expected network theta * w (`thresholds`: the global
-    theta as it travels), combined as the head round combines them (W and b; class anchors are not re-sent).
-    means_only: the class means of the expected network with the head round's covariance (what a round that
-    re-sends only the class sums and counts would give: 10 x 1,280 float32 for MobileNetV2, 0.25 bpp)."""
+def refit_heads(config: SimConfig, model, learners, num_classes: int, thresholds: np.ndarray):
+    """(the re-fit, the means-only re-fit). The re-fit: the FiT-LDA head of every device's statistics on the
+    expected network theta * w (`thresholds`: the global theta as it travels), combined as the head round combines
+    them (W and b; class anchors are not re-sent). The means-only re-fit: the class means of the expected
+    network with the head round's covariance (what a round that re-sends only the class sums and counts would
+    give: 10 x 1,280 float32 for MobileNetV2, 0.25 bpp)."""
     plain = dataclasses.replace(config, local=dataclasses.replace(config.local, loss="local_classes"))
     agg = Aggregator(plain, model.d, num_classes, model.feature_dim)
     model.masks.set_theta(thresholds_to_theta(thresholds))
     new = device_stats(model, learners, num_classes, agg, EXPECTED)
-    if not means_only:
-        return agg.close_head(new, 0)
     old = device_stats(model, learners, num_classes, agg, FIXED)
 
     def summed(shares):  # weighted as close_head weighs them
@@ -81,7 +79,8 @@ def refit_head(config: SimConfig, model, learners, num_classes: int, thresholds:
 
     _, _, second, between_old = summed(old)
     sums, counts, _, between_new = summed(new)
-    return lda_head([LdaStats(sums, counts, second - between_old + between_new)], config.lda_shrinkage)
+    means_only = lda_head([LdaStats(sums, counts, second - between_old + between_new)], config.lda_shrinkage)
+    return agg.close_head(new, 0), means_only
 
 
 def main(argv=None) -> int:
@@ -101,8 +100,7 @@ def main(argv=None) -> int:
             raise SystemExit(f"{path}: a checkpoint of another run")
         started = time.perf_counter()
         thresholds = decode_theta(wire, model.d)
-        new = refit_head(config, model, learners, num_classes, thresholds)
-        means = refit_head(config, model, learners, num_classes, thresholds, means_only=True)
+        new, means = refit_heads(config, model, learners, num_classes, thresholds)
         seed = eval_seed(round_seed(config.seed, meta["next_index"] - 1))  # the sampled mask the run scored
         scores = {**{f"old_{k}": v for k, v in held_out(head, thresholds, seed).items()},
                   **{f"new_{k}": v for k, v in held_out(new, thresholds, seed).items()},

@@ -19,14 +19,13 @@ def test_a_refit_on_the_untouched_network_is_the_head_round_s_head(tmp_path):
     _, _, (old_weight, old_bias) = refresh.load(tmp_path / "run.npz")
     assert head["head_sha256"]  # the head round ran; its head is the checkpoint's
     untouched = np.full(model.d, ONE, np.uint32)
-    for means_only in (False, True):  # the whole statistics again, or the class means with the old covariance
-        weight, bias = refresh.refit_head(config, model, learners, num_classes, untouched, means_only)
+    # the whole statistics again, and the class means with the old covariance
+    for weight, bias in refresh.refit_heads(config, model, learners, num_classes, untouched):
         np.testing.assert_allclose(weight, old_weight, rtol=1e-3, atol=1e-3 * np.abs(old_weight).max())
         np.testing.assert_allclose(bias, old_bias, rtol=1e-3, atol=1e-3 * np.abs(old_bias).max())
     # on a network a mask changed, the two re-fits differ from the old head and from each other
     theta = np.where(np.arange(model.d) % 3 == 0, ONE // 2, ONE).astype(np.uint32)
-    full = refresh.refit_head(config, model, learners, num_classes, theta)
-    means = refresh.refit_head(config, model, learners, num_classes, theta, means_only=True)
+    full, means = refresh.refit_heads(config, model, learners, num_classes, theta)
     assert not np.allclose(full[0], old_weight, rtol=1e-2) and not np.allclose(means[0], full[0], rtol=1e-2)
 
 
