@@ -77,6 +77,7 @@ DEFAULT_RUNS = ["deltamask", "deltamask-exact", "shared", "fedpm"]
 def summarise(name: str, rows: List[Dict], seconds: Optional[float]) -> Dict:
     heads = [r for r in rows if r.get("phase") == "head"]
     masks = [r for r in rows if r.get("phase") == "mask"] or heads  # linear probing alone: its head rounds
+    refit = [r for r in rows if r.get("phase") == "refit"]  # the head fitted again on theta * w (policy refit)
     last = masks[-1]
     return {"run": name, "head_accuracy": heads[-1]["accuracy"], "head_bpp": sum(r["uplink_bpp"] for r in heads),
             "final_accuracy": last["accuracy"], "final_accuracy_expected": last.get("accuracy_expected", last["accuracy"]),
@@ -84,6 +85,8 @@ def summarise(name: str, rows: List[Dict], seconds: Optional[float]) -> Dict:
             "uplink_bpp": sum(r["uplink_bpp"] for r in masks) / len(masks),
             "downlink_bpp": sum(r.get("downlink_bpp", 0.0) for r in masks) / len(masks),
             "rounds": len(masks), "minutes": None if seconds is None else seconds / 60,
+            **({"refit_accuracy_expected": refit[-1]["accuracy_expected"], "refit_bpp": refit[-1]["uplink_bpp"]}
+               if refit else {}),
             # keep: best with validation images (--set val_samples=N): the round kept and its test score
             **({"kept_round": rows[-1]["kept_round"], "kept_accuracy": rows[-1]["kept_accuracy"]}
                if "val_accuracy" in rows[-1] else {})}
@@ -91,18 +94,22 @@ def summarise(name: str, rows: List[Dict], seconds: Optional[float]) -> Dict:
 
 def table(summaries: List[Dict], head: str) -> str:
     kept = all("kept_round" in s for s in summaries)
+    refit = all("refit_accuracy_expected" in s for s in summaries)
     lines = ["| run | codec / reference | accuracy, sampled mask (last round) | expected mask | best | "
+             + ("expected mask, refitted head | " if refit else "")
              + ("kept by validation (round) | " if kept else "") + "uplink bpp (mean) | downlink bpp (mean) | minutes |",
-             "|---|---|---|---|---|---|---|---|" + ("---|" if kept else "")]
+             "|---|---|---|---|---|---|---|---|" + ("---|" if kept else "") + ("---|" if refit else "")]
     for s in summaries:
         spec = RUNS[re.sub(r"-seed\d+$", "", s["run"])]
         extra = "".join(f", {k} {v}" for k, v in spec.items() if k not in ("codec", "reference", "head_only"))
         lines.append(f"| {s['run']} | {spec['codec']} / {spec['reference']}{extra} | {s['final_accuracy']:.4f} | "
                      f"{s['final_accuracy_expected']:.4f} | {s['best_accuracy']:.4f} | "
+                     + (f"{s['refit_accuracy_expected']:.4f} | " if refit else "")
                      + (f"{s['kept_accuracy']:.4f} ({s['kept_round']}) | " if kept else "") + f"{s['uplink_bpp']:.4f} | "
                      f"{s['downlink_bpp']:.3f} | " + ("" if s["minutes"] is None else f"{s['minutes']:.1f}") + " |")
     lines.append(f"| {head} head alone | head round: {summaries[0]['head_bpp']:.3f} bpp | "
-                 f"{summaries[0]['head_accuracy']:.4f} | | | " + ("| " if kept else "") + "| | |")
+                 f"{summaries[0]['head_accuracy']:.4f} | | | " + ("| " if kept else "") + ("| " if refit else "")
+                 + "| | |")
     return "\n".join(lines)
 
 
@@ -144,7 +151,8 @@ def finished(path: Path, config: SimConfig):
         return None
     rows = lines[1:]
     if len([r for r in rows if r.get("phase") == "mask"]) != config.rounds or \
-            len([r for r in rows if r.get("phase") == "head" and r.get("round", 0) >= 0]) != config.head_phase_rounds:
+            len([r for r in rows if r.get("phase") == "head" and r.get("round", 0) >= 0]) != config.head_phase_rounds or \
+            len([r for r in rows if r.get("phase") == "refit"]) != config.refits:
         return None
     return summarise(path.stem, rows, None)  # minutes: the earlier summary's (merged), not this reading's
 
@@ -164,6 +172,8 @@ def _with_minutes(summary: Dict, earlier: Dict) -> Dict:
 
 
 def parse_value(text: str):
+    if text.lower() in ("true", "false"):  # refit=true
+        return text.lower() == "true"
     for kind in (int, float):
         try:
             return kind(text)

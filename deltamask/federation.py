@@ -27,7 +27,7 @@ from deltamask.headwire import (LDA_COVARIANCES, MAX_HEAD_ABS, MAX_HEAD_MESSAGE,
 from deltamask.sampling import PER_CLIENT, SHARED, round_seed, theta_to_thresholds
 from deltamask.thetawire import encode_theta
 
-HEAD, MASK = "head", "mask"
+HEAD, MASK, REFIT = "head", "mask", "refit"  # REFIT: the head fitted again on the final network
 LINEAR_PROBE, LDA, KAIMING = "linear_probe", "lda", "kaiming"
 HEADS = (LINEAR_PROBE, LDA, KAIMING)
 SAMPLE, THRESHOLD = "sample", "threshold"
@@ -38,7 +38,7 @@ LAST, BEST = "last", "best"
 KEEPS = (LAST, BEST)
 # the held-out reading a round is kept by: what `deltamask-server export` bakes by default after it (the head
 # alone after a head round, the expected mask theta * w after a mask round)
-KEPT_BY = {HEAD: "accuracy", MASK: "accuracy_expected"}
+KEPT_BY = {HEAD: "accuracy", MASK: "accuracy_expected", REFIT: "accuracy_expected"}
 # (weight (classes x features), bias (classes)), float32; with virtual_classes a third element, the anchors:
 # the federation's per-class means of the masked blocks' inputs (classes x P, NaN rows for classes nobody holds)
 Head = Tuple[np.ndarray, ...]
@@ -104,6 +104,10 @@ class Policy:
     # the model the federation leaves behind: the round that scored best on held-out data so far, the head
     # alone included (`keep_round`; the last round when nothing is scored), or the last round's
     keep: str = BEST
+    # after the last mask round, one more head round of every device (head_rho) on the final network (the
+    # expected mask theta * w, or the fine-tuned weights): the head fitted to the features the masks learned
+    # (docs/results.md, "A head that moves with the features"); lda and linear_probe (a Kaiming head has none)
+    refit: bool = False
     local: LocalTraining = field(default_factory=LocalTraining)
 
     def check(self) -> None:
@@ -154,6 +158,15 @@ class Policy:
         exact in one round), `head_rounds` for linear probing."""
         return {KAIMING: 0, LDA: 1}.get(self.head, self.head_rounds)
 
+    @property
+    def refits(self) -> int:
+        """Head rounds after the mask rounds: one with `refit` (not for a Kaiming head, nor without mask rounds)."""
+        return int(self.refit and self.head != KAIMING and self.rounds > 0)
+
+    def finished(self, heads_done: int, masks_done: int) -> bool:
+        """Whether a federation that closed these rounds is over (head rounds count the refit)."""
+        return masks_done >= self.rounds and heads_done >= self.head_phase_rounds + self.refits
+
 
 def clients_per_round(rho: float, eligible: int, min_quorum: int = 1) -> int:
     """K: round(rho * eligible), at least min_quorum, at most the eligible devices."""
@@ -173,7 +186,7 @@ class RoundPlan:
     progress so far, eligible names)."""
 
     index: int  # the round's number: head rounds first, skipped rounds count too
-    phase: str  # HEAD or MASK
+    phase: str  # HEAD, MASK or REFIT
     seed: int  # the round's public seed (reference masks, own samples)
     selected: Tuple[str, ...]  # device names, sorted
     eligible: int
@@ -224,18 +237,19 @@ def train_seed(round_seed: int, name: str) -> int:
 
 def plan_round(policy: Policy, index: int, heads_done: int, masks_done: int,
                eligible: Sequence[str]) -> Optional[RoundPlan]:
-    """Round `index`, after `heads_done` head rounds and `masks_done` mask rounds closed; None when the
-    federation is over. K devices are drawn with the round's seed from the eligible names in sorted order."""
-    phase = HEAD if heads_done < policy.head_phase_rounds else MASK
-    if phase == MASK and masks_done >= policy.rounds:
+    """Round `index`, after `heads_done` head rounds (the refit counts as one) and `masks_done` mask rounds
+    closed; None when the federation is over. K devices are drawn with the round's seed from the eligible
+    names in sorted order."""
+    if policy.finished(heads_done, masks_done):
         return None
+    phase = HEAD if heads_done < policy.head_phase_rounds else MASK if masks_done < policy.rounds else REFIT
     names = sorted(set(eligible))
-    k = clients_per_round(policy.head_rho if phase == HEAD else policy.rho, len(names), policy.min_quorum)
+    k = clients_per_round(policy.rho if phase == MASK else policy.head_rho, len(names), policy.min_quorum)
     seed = round_seed(policy.seed, index)
     chosen = np.random.default_rng(seed).choice(len(names), size=k, replace=False) if k else []
     selected = tuple(sorted(names[i] for i in chosen))
-    if phase == HEAD:
-        return RoundPlan(index, HEAD, seed, selected, len(names), head_round=heads_done, mask_round=masks_done)
+    if phase != MASK:
+        return RoundPlan(index, phase, seed, selected, len(names), head_round=heads_done, mask_round=masks_done)
     kappa = cosine_kappa(masks_done, policy.rounds, policy.kappa_start, policy.kappa_end)
     return RoundPlan(index, MASK, seed, selected, len(names), kappa, reset_due(masks_done, policy.rho),
                      masks_done, heads_done)
@@ -293,29 +307,34 @@ class Aggregator:
         self._offset: Optional[np.ndarray] = None
 
     # --- head phase ---------------------------------------------------------------------------------
-    def decode_share(self, payload: bytes):
-        """A device's head-round reply, checked: a linear head, or LDA statistics (PayloadError if bad)."""
+    def decode_share(self, payload: bytes, phase: str = HEAD):
+        """A device's head-round reply, checked: a linear head, or LDA statistics (PayloadError if bad); in the
+        refit round (`phase` REFIT) without the class sums of the masked blocks' inputs (the anchors stay)."""
         p = self.policy
         if p.head == LDA:
             return decode_lda_stats(payload, self.num_classes, self.feature_dim, p.lda_covariance, p.lda_rank,
-                                    self.input_dim)
+                                    0 if phase == REFIT else self.input_dim)
         return decode_head(payload, self.num_classes, self.feature_dim, MAX_HEAD_ABS)
 
-    def close_head(self, shares: Mapping[str, Tuple[object, float]], round_seed: int) -> Head:
+    def close_head(self, shares: Mapping[str, Tuple[object, float]], round_seed: int, phase: str = HEAD) -> Head:
         """Combine {name: (share, examples)} in name order: FedAvg of linear heads weighted by examples,
-        or the LDA head from the summed statistics (`round_seed`: the head round's, for the projection)."""
+        or the LDA head from the summed statistics (`round_seed`: the head round's, for the projection). The
+        refit round (`phase` REFIT) replaces W and b and keeps the head round's class anchors."""
         ordered = [shares[name] for name in sorted(shares)]
         p = self.policy
         weights = bounded_weights([n for _, n in ordered])
+        anchors = tuple(self.head[2:]) if phase == REFIT and self.head is not None else ()
         if p.head == LDA:
             stats = [scale_stats(s, w / max(float(s.counts.sum()), 1.0)) for (s, _), w in zip(ordered, weights)]
             weight, bias = lda_head(stats, p.lda_shrinkage)
             if p.lda_covariance == "projected":  # a head over P'x is the head W P' over x
                 rank = lda_width(self.feature_dim, p.lda_covariance, p.lda_rank)
                 weight = (weight.astype(np.float64) @ lda_projection(self.feature_dim, rank, round_seed).T)
-            self.head = (weight.astype(np.float32), bias) + ((class_anchors(stats),) if self.input_dim else ())
+            if self.input_dim and phase != REFIT:
+                anchors = (class_anchors(stats),)
+            self.head = (weight.astype(np.float32), bias) + anchors
         else:
-            self.head = average_heads([s for s, _ in ordered], weights)
+            self.head = average_heads([s for s, _ in ordered], weights) + anchors
         return self.head
 
     # --- mask phase ---------------------------------------------------------------------------------
@@ -437,17 +456,19 @@ def kaiming_head(feature_dim: int, num_classes: int, seed: int = 0) -> Head:
     return weight, np.zeros(num_classes, dtype=np.float32)
 
 
-def head_bits(policy: Policy, num_classes: int, feature_dim: int, input_dim: int = 0) -> int:
-    """Bits one device uploads in a head round (`input_dim`: with virtual_classes, its class sums too)."""
+def head_bits(policy: Policy, num_classes: int, feature_dim: int, input_dim: int = 0, phase: str = HEAD) -> int:
+    """Bits one device uploads in a head round (`input_dim`: with virtual_classes, its class sums too, which
+    the refit round does not send again)."""
     if policy.head == LDA:
-        extra = class_block_nbytes(num_classes, input_dim) if policy.local.loss == VIRTUAL_CLASSES else 0
+        extra = class_block_nbytes(num_classes, input_dim) if policy.local.loss == VIRTUAL_CLASSES and phase == HEAD \
+            else 0
         return 8 * (lda_stats_nbytes(num_classes, feature_dim, policy.lda_covariance, policy.lda_rank) + extra)
     return 0 if policy.head == KAIMING else 8 * head_nbytes(num_classes, feature_dim)
 
 
 __all__ = ["Aggregator", "BEST", "CROSS_ENTROPY", "HEAD", "HEADS", "Head", "KAIMING", "KEEPS", "KEPT_BY", "Kept",
            "LAST", "LDA", "LINEAR_PROBE",
-           "LOCAL_CLASSES", "LOSSES", "LocalTraining", "MASK", "MASK_RULES", "SAMPLE", "THRESHOLD", "VIRTUAL_CLASSES",
+           "LOCAL_CLASSES", "LOSSES", "LocalTraining", "MASK", "MASK_RULES", "REFIT", "SAMPLE", "THRESHOLD", "VIRTUAL_CLASSES",
            "DeviceTask", "Policy", "RoundPlan", "average_heads", "bounded_weights", "class_anchors",
            "clients_per_round", "derived_seed", "device_task", "eval_seed", "head_bits", "kaiming_head",
            "keep_round", "kept_of", "lda_head",

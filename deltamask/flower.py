@@ -125,7 +125,7 @@ class DeltaMask(Strategy):
 
     @property
     def num_rounds(self) -> int:
-        return self.config.head_phase_rounds + self.config.rounds
+        return self.config.head_phase_rounds + self.config.rounds + self.config.refits
 
     def global_arrays(self) -> ArrayRecord:
         head = self.fed.agg.head

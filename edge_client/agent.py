@@ -186,12 +186,13 @@ class Agent:
         head = decode_head(blob, task.num_classes, task.feature_dim) if blob else None
         if blob:
             self.head = (blob, task.head_sha256 or sha256_hex(blob))
+        on_theta = task.phase in (pb.MASK, pb.REFIT)  # the refit: the head share on theta * w
         if task.phase == pb.MASK and work.local.loss == "virtual_classes" and (head is None or len(head) < 3):
             raise RoundSkipped(f"round {task.round}: the task asks for virtual_classes, but its head carries no "
                                f"class anchors")
         started = time.perf_counter()
         thresholds = None
-        if task.phase == pb.MASK:
+        if on_theta:
             with self.meter.phase("download"):
                 wire = self.fetch_theta(task)
             thresholds = decode_theta(wire, self.d)
@@ -289,7 +290,7 @@ def _device_task(task: pb.Task):
     """The core's DeviceTask from the gRPC Task (the coordinator's policy, as it sent it)."""
     from deltamask.federation import DeviceTask, LocalTraining
 
-    head = task.phase == pb.HEAD
+    head = task.phase in (pb.HEAD, pb.REFIT)
     try:
         local = LocalTraining(epochs=1 if head else task.epochs, batch_size=task.batch_size,
                               lr=task.lr, loss=task.loss, head_epochs=task.epochs if head else 1,
@@ -297,7 +298,7 @@ def _device_task(task: pb.Task):
         local.check()
     except ValueError as exc:
         raise RoundSkipped(f"round {task.round}: the task cannot be run: {exc}") from None
-    return DeviceTask("head" if head else "mask", task.round, task.seed, task.kappa, task.codec, task.reference,
+    return DeviceTask({pb.HEAD: "head", pb.REFIT: "refit"}.get(task.phase, "mask"), task.round, task.seed, task.kappa, task.codec, task.reference,
                       task.head_kind, task.lda_covariance, task.lda_rank, local, task.ranking or "kl")
 
 

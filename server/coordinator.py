@@ -33,7 +33,7 @@ import numpy as np
 
 from deltamask.codecs import decode as decode_payload
 from deltamask.errors import PayloadError
-from deltamask.federation import (HEAD, KEPT_BY, MASK, Aggregator, DeviceTask, device_task, eval_seed, head_bits,
+from deltamask.federation import (HEAD, KEPT_BY, MASK, REFIT, Aggregator, DeviceTask, device_task, eval_seed, head_bits,
                                   keep_round, kept_of, plan_round)
 from deltamask.headwire import encode_head
 from deltamask.rounds import rebuild_client_mask
@@ -213,7 +213,7 @@ class Coordinator:
         self.kept = kept_of(self.config, self.history)
         if finished:
             self.closed_rounds = finished[-1]["round"]
-            self.head_rounds = sum(1 for r in finished if r["phase"] == HEAD and r["state"] == "closed")
+            self.head_rounds = sum(1 for r in finished if r["phase"] in (HEAD, REFIT) and r["state"] == "closed")
             self.mask_rounds = sum(1 for r in finished if r["phase"] == MASK and r["state"] == "closed")
             loaded = recovery.load_checked(s, finished, self.d, self.config.num_classes, self.facts.feature_dim)
             if loaded.damaged:
@@ -239,7 +239,7 @@ class Coordinator:
         opened = [r for r in rows if r["state"] == "open"]
         if opened:
             self._replay(opened[-1])
-        if self.mask_rounds >= self.config.rounds:
+        if self.config.finished(self.head_rounds, self.mask_rounds):
             self.done.set()
             self.done_at_start = True
         log.info("state: %d devices, %d rounds closed, %d mask rounds, open round: %s", len(self.devices),
@@ -445,7 +445,7 @@ class Coordinator:
         with self.lock:
             self._device(device_id)
             r = self._open_round(round_index, device_id)
-            if r.phase != MASK:
+            if r.phase == HEAD:
                 raise NotOpen(f"round {round_index} is a head round: no theta to fetch")
             return self.wire
 
@@ -611,14 +611,15 @@ class Coordinator:
         quorum = min(c.min_quorum, len(r.selected))
         state = "closed" if len(r.received) >= quorum else "skipped"
         wire, head_sha = self.wire, None
-        if state == "closed" and r.phase == HEAD:
-            head_sha = self.store.save_head(encode_head(*self.agg.close_head(r.shares, r.seed)))
+        if state == "closed" and r.phase in (HEAD, REFIT):
+            head_sha = self.store.save_head(encode_head(*self.agg.close_head(r.shares, r.seed, r.phase)),
+                                            refit=r.phase == REFIT)
         elif state == "closed":
             self.agg.close_mask()
             wire = self.agg.theta_wire()
         else:  # skipped: the counts go back to what they were when the round opened
             self._restore_counts(r)
-        head_rounds = self.head_rounds + (state == "closed" and r.phase == HEAD)
+        head_rounds = self.head_rounds + (state == "closed" and r.phase in (HEAD, REFIT))
         mask_rounds = self.mask_rounds + (state == "closed" and r.phase == MASK)
         counts_sha = self.store.save_counts(r.round, self.counts.ones)
         crashpoint("close-counts")
@@ -628,14 +629,14 @@ class Coordinator:
         summary = {"round": r.round, "phase": r.phase, "state": state, "selected": len(r.selected),
                    "received": len(r.received), "lost": sorted(set(r.selected) - set(r.received)),
                    "uplink_bpp": float(np.mean(list(up.values()))) if up else 0.0, "uplink_bpp_by_device": up,
-                   "downlink_bpp": 8 * len(self.wire) / self.d if r.phase == MASK else 0.0,
+                   "downlink_bpp": 8 * len(self.wire) / self.d if r.phase != HEAD else 0.0,
                    "decode_s": round(max(r.decode_s.values()), 4) if r.decode_s else 0.0,
                    "counts_masks": self.counts.masks, "head_rounds": head_rounds, "mask_rounds": mask_rounds,
                    "counts_sha256": counts_sha, "next_theta_sha256": theta_sha}
-        if r.phase == HEAD:
+        if r.phase != MASK:
             summary["head"] = c.head
         if state == "closed":  # what the round produced, to compare with the simulator's (parity)
-            if r.phase == HEAD:
+            if r.phase != MASK:
                 summary["head_sha256"] = head_sha
             else:
                 summary["theta_sha256"] = theta_sha
@@ -652,7 +653,7 @@ class Coordinator:
             self.head_rounds, self.mask_rounds = head_rounds, mask_rounds
             self.closed_rounds, self.open = r.round, None
             self.history.append(summary)
-            if self.mask_rounds >= c.rounds:
+            if c.finished(self.head_rounds, self.mask_rounds):
                 self.done.set()
             self._changed(round_event=True)
         log.info("round %d %s: %d of %d updates, %.2f s to close", r.round, state, len(r.received),
@@ -662,7 +663,7 @@ class Coordinator:
     def _finish(self, summary: Dict, seed: int) -> None:
         """After a close, outside the locks: score the head or theta on held-out data, report the round."""
         if self.evaluate is not None and summary["state"] == "closed" and self.agg.head is not None:
-            mask = summary["phase"] == MASK
+            mask = summary["phase"] != HEAD  # a mask round, or the refit: the head on theta * w
             scores = self.evaluate(self.agg.head, self.thresholds if mask else None, eval_seed(seed))
             summary.update(scores)
             self.store.close_round(summary["round"], summary["state"], summary)
@@ -686,8 +687,8 @@ class Coordinator:
     def _check(self, r: OpenRound, device_id: str, payload: bytes, reference_digest: Optional[str] = None):
         """Decode an update against its round; InvalidUpdate for a bad payload or a digest mismatch."""
         try:
-            if r.phase == HEAD:
-                return self.agg.decode_share(payload)
+            if r.phase != MASK:
+                return self.agg.decode_share(payload, r.phase)
             name = self.devices[device_id].name
             if self.shards is None:
                 packed, digest_ = rebuild_client_mask(decode_payload(payload, self.d, r.thresholds), r.thresholds,
@@ -712,7 +713,7 @@ class Coordinator:
         return cached[1]
 
     def _apply(self, r: OpenRound, device_id: str, payload: bytes, sha: str, checked, metrics: Dict) -> None:
-        if r.phase == HEAD:
+        if r.phase != MASK:
             r.shares[self.devices[device_id].name] = (checked, recovery.declared_examples(metrics))
         else:
             self.counts.add_packed(checked)
@@ -770,7 +771,7 @@ class Coordinator:
     def _task(self, r: OpenRound) -> Task:
         if r.phase == HEAD:
             return Task(HEAD, r.round, r.task, r.deadline, head=self.head_wire)
-        return Task(MASK, r.round, r.task, r.deadline, self.theta_digest, len(self.wire), self.head_wire)
+        return Task(r.phase, r.round, r.task, r.deadline, self.theta_digest, len(self.wire), self.head_wire)
 
     def _work(self, r: OpenRound) -> DeviceTask:
         """The task of a round opened before a restart (the plan's fields are in its row)."""

@@ -30,7 +30,7 @@ import grpc
 from deltamask.v1 import coordinator_pb2 as pb
 from server.export import MASKS
 
-PHASE_NAMES = {pb.IDLE: "idle", pb.HEAD: "head", pb.MASK: "mask", pb.DONE: "done"}
+PHASE_NAMES = {pb.IDLE: "idle", pb.HEAD: "head", pb.MASK: "mask", pb.REFIT: "refit", pb.DONE: "done"}
 
 
 class Operator:

@@ -1,6 +1,7 @@
 """The model a federation leaves behind: the pretrained backbone with the kept round's mask applied (`keep: best`,
 the default: the round the coordinator's evaluation scored highest, the head alone included; `keep: last`: the
-last mask round), and the head, as one file that carries its preprocessing.
+last mask round, or the refit after it), and that round's head (the refit's own head for the refit round), as one
+file that carries its preprocessing.
 
     deltamask-server export --config server.yaml --out model.onnx [--format onnx|torch] [--mask expected|sample|mode]
     deltamask-predict model.onnx shirt.png boot.jpg            # classes and scores (deltamask/predict.py)
@@ -18,7 +19,8 @@ baked: w * m for every masked weight, so the file is a plain network of the back
 
 The JSON: backbone, blocks, image_size, channels, mean, std (preprocessing: scale to [0, 1], grayscale
 repeated to 3 channels or colour to luma, resize to S x S bilinear, normalise per channel), class_names,
-mask, round, phase (mask, or head when the head round is kept: every weight kept, whichever mask), theta_sha256,
+mask, round, phase (mask; refit: the mask with the head fitted on it; head when the head round is kept: every weight
+kept, whichever mask), theta_sha256,
 head_sha256, and the accuracy the coordinator reported for that round with that mask (null when the coordinator
 does not evaluate).
 """
@@ -29,11 +31,11 @@ from typing import Dict, Optional
 
 import numpy as np
 
-from deltamask.federation import BEST, HEAD, MASK, eval_seed, kept_of
+from deltamask.federation import BEST, HEAD, MASK, REFIT, eval_seed, kept_of
 from deltamask.headwire import decode_head
 from deltamask.predict import METADATA_KEY
-from deltamask.sampling import sample_mask, thresholds_to_theta
-from deltamask.thetawire import decode_theta, theta_digest
+from deltamask.sampling import sample_mask, theta_to_thresholds, thresholds_to_theta
+from deltamask.thetawire import decode_theta, encode_theta, theta_digest
 from deltamask.transfer import sha256_hex
 
 FORMATS, MASKS = ("onnx", "torch"), ("expected", "sample", "mode")
@@ -51,12 +53,16 @@ def final_state(config, facts) -> Dict:
     store = Store(config.state_dir)
     try:
         rows = [r for r in store.rounds() if r["state"] == "closed" and r["summary"]]
-        masks = [r for r in rows if r["phase"] == MASK]
+        masks = [r for r in rows if r["phase"] != HEAD]  # mask rounds, and the refit (the head on theta * w)
         kept = kept_of(config, [r["summary"] for r in rows]) if config.keep == BEST else None
         if kept is None and not masks:
             raise ValueError(f"{config.state_dir}: no closed round to export yet")
         row = next(r for r in rows if r["round"] == kept.round) if kept is not None else masks[-1]
-        wire, head_wire = store.load_theta(row["round"] + 1), store.load_head()
+        head_wire = store.load_head(refit=row["phase"] == REFIT)
+        if row["phase"] == HEAD and not store.theta_path(row["round"] + 1).exists():  # pruned under keep: last;
+            wire = encode_theta(theta_to_thresholds(np.full(facts.d, config.theta0)))  # a head round keeps theta0
+        else:
+            wire = store.load_theta(row["round"] + 1)
     except FileNotFoundError as exc:
         raise ValueError(f"{config.state_dir}: the theta of round {row['round']} is gone ({exc.filename})") from None
     finally:
@@ -69,7 +75,7 @@ def final_state(config, facts) -> Dict:
             "theta0": config.theta0, "class_names": class_names(config), "round": row["round"], "phase": phase,
             "seed": row["seed"], "accuracy": row["summary"].get("accuracy"),
             # after a head round every mask keeps every weight: the head alone, as the round was scored
-            "accuracies": {m: row["summary"].get(key if phase == MASK else "accuracy") for m, key in SCORED_AS.items()},
+            "accuracies": {m: row["summary"].get(key if phase != HEAD else "accuracy") for m, key in SCORED_AS.items()},
             "theta_sha256": theta_digest(wire),
             "head_sha256": sha256_hex(head_wire)}
     return {"info": info, "head_wire": head_wire, "wire": wire}

@@ -19,7 +19,7 @@ import numpy as np
 
 from deltamask.codecs import decode as decode_payload
 from deltamask.errors import PayloadError
-from deltamask.federation import HEAD, Aggregator, Head, Policy
+from deltamask.federation import HEAD, MASK, REFIT, Aggregator, Head, Policy
 from deltamask.headwire import decode_head, encode_head
 from deltamask.rounds import rebuild_client_mask
 from deltamask.thetawire import decode_theta
@@ -99,14 +99,14 @@ def load_checked(store, finished: List[Dict], d: int, num_classes: int, feature_
         except PayloadError as exc:
             damaged.append(f"{store.theta_path(last['round'] + 1).name} does not decode ({exc})")
     head = None
-    heads = [r for r in finished if r["phase"] == HEAD and r["state"] == "closed"]
-    if heads:
-        data = read(store.head_path, (heads[-1]["summary"] or {}).get("head_sha256"))
+    for phase, path in ((HEAD, store.head_path), (REFIT, store.refit_head_path)):  # the refit's head, when there
+        heads = [r for r in finished if r["phase"] == phase and r["state"] == "closed"]  # is one, is the current
+        data = read(path, (heads[-1]["summary"] or {}).get("head_sha256")) if heads else None
         if data is not None:
             try:
                 head = decode_head(data, num_classes, feature_dim)
             except PayloadError as exc:
-                damaged.append(f"{store.head_path.name} does not decode ({exc})")
+                damaged.append(f"{path.name} does not decode ({exc})")
     return Loaded(ones, int(summary.get("counts_masks", 0)), wire, head, damaged)
 
 
@@ -115,16 +115,19 @@ def rebuild(store, finished: List[Dict], policy: Policy, d: int, feature_dim: in
     """Aggregate every finished round again from its stored uploads; check each theta and head against the
     digests recorded at close; with `write`, put the rebuilt files in place. StateError when they differ."""
     agg = Aggregator(policy, d, policy.num_classes, feature_dim, input_dim)
+    heads: Dict[str, bytes] = {}  # phase -> the head it closed with
     for row in finished:
         summary, index = row["summary"] or {}, row["round"]
-        if row["phase"] == HEAD:
+        if row["phase"] != MASK:  # a head round, or the refit
             if row["state"] == "closed":
                 shares = {}
                 for u in store.updates(index):
-                    share = agg.decode_share(read_update(store, index, u))
+                    share = agg.decode_share(read_update(store, index, u), row["phase"])
                     shares[names[u["device_id"]]] = (share, declared_examples(u["metrics"]))
-                agg.close_head(shares, row["seed"])
-                _expect(store.head_path, encode_head(*agg.head), summary.get("head_sha256"), index)
+                agg.close_head(shares, row["seed"], row["phase"])
+                heads[row["phase"]] = encode_head(*agg.head)
+                _expect(store.refit_head_path if row["phase"] == REFIT else store.head_path, heads[row["phase"]],
+                        summary.get("head_sha256"), index)
             continue
         if row["reset"] or not any(r["round"] == index - 1 for r in finished):
             agg.counts.reset()
@@ -143,8 +146,8 @@ def rebuild(store, finished: List[Dict], policy: Policy, d: int, feature_dim: in
     if write:
         store.save_counts(last["round"], agg.counts.ones)
         store.save_theta(last["round"] + 1, wire)
-        if agg.head is not None and any(r["phase"] == HEAD and r["state"] == "closed" for r in finished):
-            store.save_head(encode_head(*agg.head))
+        for phase, head in heads.items():
+            store.save_head(head, refit=phase == REFIT)
     return Loaded(agg.counts.ones.copy(), agg.counts.masks, wire, agg.head)
 
 

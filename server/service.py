@@ -20,7 +20,7 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection, reflection_pb2
 
 from deltamask.errors import PayloadError
-from deltamask.federation import HEAD, MASK
+from deltamask.federation import HEAD, MASK, REFIT
 from deltamask.transfer import CHUNK_BYTES, Assembler, sha256_hex, split
 from deltamask.v1 import coordinator_pb2 as pb
 from deltamask.v1 import coordinator_pb2_grpc as rpc
@@ -41,7 +41,7 @@ STATUS = {
     Conflict: grpc.StatusCode.ALREADY_EXISTS,
     Busy: grpc.StatusCode.UNAVAILABLE,
 }
-PHASES = {HEAD: pb.HEAD, MASK: pb.MASK, IDLE: pb.IDLE, DONE: pb.DONE}
+PHASES = {HEAD: pb.HEAD, MASK: pb.MASK, REFIT: pb.REFIT, IDLE: pb.IDLE, DONE: pb.DONE}
 KIND_NAMES = {pb.RPI4: "rpi4", pb.JETSON_NANO: "jetson-nano", pb.CORAL: "coral", pb.LAPTOP: "laptop",
               pb.SERVER: "server", pb.DEVICE_KIND_UNSPECIFIED: "unspecified"}
 INSECURE_HELP = ("no TLS configured: run `deltamask-server tls --config FILE` (it makes a CA and a server "
@@ -165,7 +165,7 @@ class CoordinatorService(rpc.CoordinatorServicer):
         w = task.work
         if w is None:  # IDLE or DONE
             return pb.Task(phase=PHASES[task.phase], round=task.round)
-        head = task.phase == HEAD
+        head = task.phase in (HEAD, REFIT)
         digest = sha256_hex(task.head) if task.head else ""
         held = bool(digest) and request.head_sha256 == digest  # the device has this head: do not send it again
         return pb.Task(phase=PHASES[task.phase], round=task.round, seed=w.seed, kappa=w.kappa, codec=w.codec,

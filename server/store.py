@@ -4,6 +4,7 @@
     state_dir/theta-<r>.bin         the theta served in round r (theta wire format)
     state_dir/counts-<r>.npy        Beta counts after round r closed (ones per position; masks in the db)
     state_dir/head.bin              the averaged classifier head (deltamask.headwire)
+    state_dir/head-refit.bin        the head fitted again after the mask rounds (policy key refit)
     state_dir/updates/<r>/<id>.bin  every accepted upload, as received
     state_dir/tls/                  the CA and server certificate `deltamask-server tls` made (keys 0600)
     state_dir/operator.credential   the operator credential (0600); the database keeps its digest only
@@ -246,12 +247,17 @@ class Store:
         path = self.counts_path(round_index)
         return np.load(path, allow_pickle=False) if path.exists() else None
 
-    def save_head(self, head: bytes) -> str:
-        write_atomic(self.head_path, head)
+    @property
+    def refit_head_path(self) -> Path:
+        return self.folder / "head-refit.bin"
+
+    def save_head(self, head: bytes, refit: bool = False) -> str:
+        write_atomic(self.refit_head_path if refit else self.head_path, head)
         return hashlib.sha256(head).hexdigest()
 
-    def load_head(self) -> Optional[bytes]:
-        return self.head_path.read_bytes() if self.head_path.exists() else None
+    def load_head(self, refit: bool = False) -> Optional[bytes]:
+        path = self.refit_head_path if refit else self.head_path
+        return path.read_bytes() if path.exists() else None
 
     def prune(self, keep_from: int, keep_theta: Optional[int] = None) -> None:
         """Delete theta and counts files of rounds before `keep_from` (never read again), but theta-`keep_theta`

@@ -8,7 +8,7 @@ from deltamask.headwire import encode_head
 from deltamask.rounds import client_update
 from deltamask.sampling import thresholds_to_theta
 from server.config import ServerConfig
-from server.coordinator import HEAD, IDLE, MASK, Coordinator, ModelFacts, NotOpen
+from server.coordinator import HEAD, IDLE, MASK, REFIT, Coordinator, ModelFacts, NotOpen
 from server.store import Store
 
 D, FEATURES, CLASSES = 4096, 8, 3
@@ -328,3 +328,34 @@ def test_keep_best_holds_on_to_the_best_scored_round_its_theta_file_and_a_restar
     last.store.close()
     with pytest.raises(ValueError, match="keep"):
         ServerConfig(state_dir=str(tmp_path / "x"), backbone=None, d=D, keep="first").check()
+
+
+@pytest.mark.parametrize("damage", ["none", "missing"])
+def test_the_refit_round_serves_theta_keeps_its_own_head_file_and_is_rebuilt_from_its_uploads(tmp_path, damage):
+    """refit: after the last mask round one more head round of every device, its task carrying theta; its head
+    goes to head-refit.bin (head.bin keeps the head round's, which the mask rounds' models use), the
+    federation is over only after it, and a restart finds (or rebuilds) the refit's head."""
+    clock = Clock()
+    c, ids = mask_round_closed(tmp_path, clock, rounds=1, refit=True)
+    assert not c.done.is_set()
+    c.step()
+    r = c.open
+    assert r.phase == REFIT and len(r.selected) == 3
+    task = c.get_task(ids[0], r.round - 1, 0)
+    assert task.phase == REFIT and task.theta_digest and task.work.phase == REFIT
+    assert c.theta_for(ids[0], r.round) == c.wire
+    first = c.store.load_head()
+    for k, i in enumerate(ids):
+        c.submit(i, r.round, encode_head(np.full((CLASSES, FEATURES), 2.0 + k), np.ones(CLASSES)), "",
+                 {"num_examples": 10})
+    c.step()
+    c.step()
+    assert c.done.is_set() and c.history[-1]["phase"] == REFIT and c.history[-1]["state"] == "closed"
+    assert c.store.load_head() == first and c.store.load_head(refit=True) == encode_head(*c.agg.head)
+    assert np.allclose(c.agg.head[0], 3.0)  # the refit's shares averaged
+    c.store.close()
+    if damage == "missing":
+        (tmp_path / "state" / "head-refit.bin").unlink()
+    again = make(tmp_path, clock, rounds=1, refit=True)
+    assert again.done.is_set() and all(np.array_equal(x, y) for x, y in zip(again.agg.head, c.agg.head))
+    assert (tmp_path / "state" / "head-refit.bin").read_bytes() == encode_head(*c.agg.head)

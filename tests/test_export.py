@@ -1,5 +1,5 @@
-"""The model users take home: a coordinator runs a head round and two mask rounds on the tiny backbone with
-real learners and held-out evaluation; `deltamask-server export` writes ONNX and TorchScript files whose
+"""The model users take home: a coordinator runs a head round, two mask rounds and the refit (the head fitted
+again on theta * w) on the tiny backbone with real learners and held-out evaluation; `deltamask-server export` writes ONNX and TorchScript files whose
 outputs match the torch network, whose accuracy equals what the coordinator reported for the last round with
 the same mask (expected, sampled or mode), and
 which `deltamask-predict` runs on image files."""
@@ -16,11 +16,12 @@ pytest.importorskip("onnxruntime")
 torch = pytest.importorskip("torch")
 
 from deltamask.data import device_share, load_dataset, seeded_subset  # noqa: E402
-from deltamask.federation import HEAD  # noqa: E402
+from deltamask.federation import HEAD, MASK, REFIT  # noqa: E402
 from deltamask.headwire import decode_head  # noqa: E402
 from deltamask.learn.learner import LocalLearner, Model  # noqa: E402
 from deltamask.predict import Predictor, exported_accuracy  # noqa: E402
 from deltamask.thetawire import decode_theta  # noqa: E402
+from deltamask.transfer import sha256_hex  # noqa: E402
 from server.config import load_config  # noqa: E402
 from server.coordinator import Coordinator  # noqa: E402
 from server.evaluation import Evaluator, model_facts  # noqa: E402
@@ -39,7 +40,7 @@ def federation(tmp_path_factory):
                 "num_classes": 10, "expected_clients": 2, "min_quorum": 2, "rounds": 2, "head": "lda",
                 "lda_covariance": "diag", "codec": "exact", "insecure": True, "theta0": 0.9,
                 "evaluation": {"dataset": "digits", "samples": 300, "seed": 1}, "local": {"batch_size": 32},
-                "keep": "last"}
+                "keep": "last", "refit": True}
     (folder / "server.yaml").write_text(yaml.safe_dump(settings))
     config = load_config(folder / "server.yaml")
     facts = model_facts(config)
@@ -64,7 +65,7 @@ def federation(tmp_path_factory):
             if task.work is None:
                 continue
             head = decode_head(task.head, 10, facts.feature_dim) if task.head else None
-            thresholds = None if task.phase == HEAD else decode_theta(c.theta_for(i, task.round), facts.d)
+            thresholds = None if task.phase == HEAD else decode_theta(c.theta_for(i, task.round), facts.d)  # +refit
             reply = learners[name].work(task.work, name, head, thresholds)
             c.submit(i, task.round, reply.payload, reply.reference_digest, {"num_examples": reply.examples})
             last[i] = task.round
@@ -77,11 +78,12 @@ def federation(tmp_path_factory):
 def test_the_exported_model_matches_torch_and_scores_what_the_coordinator_reported(federation):
     config, facts, score = federation["config"], federation["facts"], federation["evaluate"].score
     last = federation["history"][-1]
-    assert last["phase"] == "mask" and last["state"] == "closed" and 0 < last["accuracy"] <= 1
+    assert last["phase"] == REFIT and last["state"] == "closed" and 0 < last["accuracy"] <= 1  # theta, refit head
     out = federation["folder"] / "model.onnx"
     meta = export(config, facts, out, "onnx", "sample")
     assert meta["round"] == last["round"] and meta["accuracy"] == last["accuracy"]
-    assert meta["theta_sha256"] == last["theta_sha256"] and meta["image_size"] == 16
+    assert meta["theta_sha256"] == last["next_theta_sha256"] and meta["image_size"] == 16
+    assert meta["head_sha256"] == last["head_sha256"] and meta["phase"] == REFIT
     assert meta["class_names"] == [str(i) for i in range(10)]  # digits has no names but its indices
     # the held-out images as the coordinator scored them, end to end through the exported file
     data = load_dataset("digits", "test")
@@ -156,6 +158,22 @@ def test_keep_best_exports_the_round_that_scored_best_and_the_file_scores_it(fed
         assert (meta["round"], meta["phase"]) == (head_row["round"], HEAD)
         assert exported_accuracy(Predictor(str(federation["folder"] / f"head-{mask}.onnx")), inputs,
                                  data.labels[held]) == pytest.approx(head_row["accuracy"], abs=1e-12)
+    # a mask round kept over the refit: its theta with the head it was scored with (the head round's, not the
+    # refit's)
+    assert [h["phase"] for h in history] == [HEAD, MASK, MASK, REFIT]
+    first = dataclasses.replace(config, state_dir=str(federation["folder"] / "mask-kept"))
+    shutil.copytree(federation["config"].state_dir, first.state_dir)
+    store = Store(first.state_dir)
+    for h in history:  # the last mask round scored best (its theta is the refit's, still on disk)
+        if h["round"] != 2:
+            store.close_round(h["round"], h["state"], {**h, "accuracy": 0.0, "accuracy_expected": 0.0})
+    head_wire, refit_wire = store.load_head(), store.load_head(refit=True)
+    store.close()
+    meta = export(first, facts, federation["folder"] / "mask-kept.onnx")
+    assert (meta["round"], meta["phase"]) == (2, MASK) and meta["head_sha256"] == sha256_hex(head_wire)
+    assert head_wire != refit_wire and meta["accuracy"] == history[2]["accuracy_expected"]
+    assert exported_accuracy(Predictor(str(federation["folder"] / "mask-kept.onnx")), inputs,
+                             data.labels[held]) == pytest.approx(history[2]["accuracy_expected"], abs=1e-12)
 
 
 def test_deltamask_server_export_and_deltamask_predict_from_the_command_line(federation):
@@ -167,7 +185,7 @@ def test_deltamask_server_export_and_deltamask_predict_from_the_command_line(fed
     assert run.returncode == 0, run.stderr
     printed = json.loads(run.stdout)
     assert printed["round"] == federation["history"][-1]["round"] and printed["mask"] == "expected"
-    assert printed["phase"] == "mask"  # keep: last
+    assert printed["phase"] == "refit"  # keep: last (the refit after the last mask round)
     data = load_dataset("digits", "test")
     paths = []
     for k in range(3):

@@ -4,8 +4,9 @@ import pytest
 
 from deltamask.aggregation import BetaCounts
 from deltamask.errors import PayloadError
-from deltamask.federation import (HEAD, MASK, Aggregator, LocalTraining, Policy, average_heads, clients_per_round,
-                                  device_task, kaiming_head, lda_head, lda_projection, plan_round, train_seed)
+from deltamask.federation import (HEAD, MASK, REFIT, Aggregator, LocalTraining, Policy, average_heads,
+                                  clients_per_round, device_task, head_bits, kaiming_head, lda_head, lda_projection,
+                                  plan_round, train_seed)
 from deltamask.headwire import (LdaStats, class_block_nbytes, decode_head, decode_lda_stats, encode_head,
                                 encode_lda_stats, lda_stats_nbytes)
 from deltamask.sampling import theta_to_thresholds
@@ -38,6 +39,44 @@ def test_head_phase_lengths_and_the_end_of_the_federation():
     assert plan_round(Policy(rounds=2), 9, 1, 2, NAMES) is None
     task = device_task(probe, plan_round(probe, 0, 0, 0, NAMES))
     assert task.head == "linear_probe" and task.local == LocalTraining()
+
+
+def test_the_refit_is_one_head_round_of_head_rho_after_the_last_mask_round():
+    refit = Policy(head="lda", rounds=2, rho=0.2, refit=True)
+    phases = [plan_round(refit, i, min(i, 1) + (i > 3), max(0, min(i - 1, 2)), NAMES) for i in range(5)]
+    assert [p.phase if p else None for p in phases] == [HEAD, MASK, MASK, REFIT, None]
+    assert len(phases[3].selected) == len(NAMES) and len(phases[1].selected) == 6  # head_rho 1, rho 0.2
+    assert device_task(refit, phases[3]).phase == REFIT
+    assert refit.finished(2, 2) and not refit.finished(1, 2) and Policy(rounds=2).finished(1, 2)
+    probe = Policy(head="linear_probe", head_rounds=2, rounds=1, refit=True)  # linear probing: one round more
+    assert [plan_round(probe, i, h, m, NAMES).phase for i, h, m in [(0, 0, 0), (1, 1, 0), (2, 2, 0), (3, 2, 1)]] == \
+        [HEAD, HEAD, MASK, REFIT]
+    assert plan_round(Policy(head="kaiming", rounds=1, refit=True), 1, 0, 1, NAMES) is None  # no head round to redo
+
+
+def test_the_refit_replaces_w_and_b_keeps_the_anchors_and_takes_no_class_sums():
+    policy = Policy(lda_covariance="full", local=LocalTraining(loss="virtual_classes"))
+    x, y = gaussian(600, classes=4)
+    rng = np.random.default_rng(1)
+    inputs = rng.normal(0, 1, (600, 12))
+
+    def share(features, with_inputs):
+        s = stats(features, y, classes=4, covariance="full")
+        sums = np.zeros((4, 12))
+        np.add.at(sums, y, inputs)
+        return encode_lda_stats(LdaStats(s.sums, s.counts, s.second, sums if with_inputs else None), "full")
+
+    agg = Aggregator(policy, 40, 4, 6, input_dim=12)
+    head = agg.close_head({"a": (agg.decode_share(share(x, True)), 600)}, 0)
+    moved = 2 * x + 1  # the features of the final network
+    with pytest.raises(PayloadError):  # the refit's statistics carry no class sums
+        agg.decode_share(share(moved, True), REFIT)
+    refit = agg.close_head({"a": (agg.decode_share(share(moved, False), REFIT), 600)}, 3, REFIT)
+    alone = Aggregator(Policy(lda_covariance="full"), 40, 4, 6).close_head(
+        {"a": (decode_lda_stats(share(moved, False), 4, 6, "full"), 600)}, 3)
+    assert np.array_equal(refit[0], alone[0]) and np.array_equal(refit[1], alone[1])
+    assert not np.allclose(refit[0], head[0]) and np.array_equal(refit[2], head[2], equal_nan=True)
+    assert head_bits(policy, 4, 6, 12, REFIT) == 8 * lda_stats_nbytes(4, 6, "full") < head_bits(policy, 4, 6, 12)
 
 
 @pytest.mark.parametrize("bad", [dict(head="svm"), dict(rho=0), dict(head_rho=1.5), dict(lda_covariance="lowrank"),
@@ -208,8 +247,10 @@ def test_keep_round_holds_the_best_scored_round_and_kept_of_folds_a_history_to_i
                {"round": 1, "phase": MASK, "state": "closed", "accuracy": 0.99, "accuracy_expected": 0.82},
                {"round": 2, "phase": MASK, "state": "skipped", "accuracy_expected": 0.95},
                {"round": 3, "phase": MASK, "state": "closed", "accuracy": 0.70, "accuracy_expected": 0.81}]
-    assert KEPT_BY == {HEAD: "accuracy", MASK: "accuracy_expected"}
+    assert KEPT_BY == {HEAD: "accuracy", MASK: "accuracy_expected", REFIT: "accuracy_expected"}
     assert kept_of(best, history) == Kept(1, MASK, 0.82)  # by the expected mask; a skipped round is none
+    refit = {"round": 4, "phase": REFIT, "state": "closed", "accuracy": 0.5, "accuracy_expected": 0.83}
+    assert kept_of(best, history + [refit]) == Kept(4, REFIT, 0.83)  # the refit: theta * w with its own head
     assert kept_of(last, history) == Kept(3, MASK, 0.81) and kept_of(best, []) is None
     with pytest.raises(ValueError, match="keep"):
         Policy(keep="first").check()

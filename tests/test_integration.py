@@ -215,11 +215,12 @@ def test_sigterm_stops_the_coordinator_and_a_restart_resumes_where_it_was(fleet)
 def test_the_simulator_and_a_real_fleet_produce_identical_heads_and_theta_every_round(fleet, tmp_path, loss):
     """Parity: one round policy, one aggregator, one local learner. The simulator (one process) and a
     coordinator process with 3 agent processes, same policy, data split and seeds, produce the same head
-    bytes after the head round and the same theta wire bytes after every mask round. With virtual_classes
-    the head's bytes include the class anchors the agents train their virtual examples from."""
+    bytes after the head round, the same theta wire bytes after every mask round, and the same head after the
+    refit (every device's head share on theta * w). With virtual_classes the head's bytes include the class
+    anchors the agents train their virtual examples from, and the refit keeps them."""
     from deltamask.learn.sim import client_name
 
-    policy = dict(rounds=3, seed=5, rho=1.0, min_quorum=2, codec="exact", head="lda",
+    policy = dict(rounds=3, seed=5, rho=1.0, min_quorum=2, codec="exact", head="lda", refit=True,
                   local={"epochs": 1, "batch_size": 32, "lr": 0.1, "loss": loss})
     f = fleet(names="client-{:03d}", data={"seed": 5}, **policy)
     f.start_server()
@@ -230,7 +231,7 @@ def test_the_simulator_and_a_real_fleet_produce_identical_heads_and_theta_every_
     args = ["--backbone", "tiny", "--weights", "none", "--image-size", "16", "--dataset", "digits",
             "--train-samples", "0", "--test-samples", "200", "--clients", "3", "--min-per-client", "5",
             "--rounds", "3", "--seed", "5", "--rho", "1", "--min-quorum", "2", "--codec", "exact", "--head", "lda",
-            "--lda-rank", "16",
+            "--lda-rank", "16", "--refit", "1",
             "--epochs", "1", "--batch-size", "32", "--lr", "0.1", "--loss", loss]
     out = subprocess.run([sys.executable, "-m", "deltamask.learn.sim", *args], capture_output=True, text=True,
                          cwd=ROOT, env=f.env, timeout=600)
@@ -238,10 +239,11 @@ def test_the_simulator_and_a_real_fleet_produce_identical_heads_and_theta_every_
     sim_rows = [json.loads(line) for line in out.stdout.splitlines()][1:]
     assert client_name(2) == "client-002"
     assert [(r["round"], r["phase"]) for r in sim_rows] == [(r["round"], r["phase"]) for r in fleet_rows] == [
-        (0, "head"), (1, "mask"), (2, "mask"), (3, "mask")]
+        (0, "head"), (1, "mask"), (2, "mask"), (3, "mask"), (4, "refit")]
     assert sim_rows[0]["head_sha256"] == fleet_rows[0]["head_sha256"]
-    assert [r["theta_sha256"] for r in sim_rows[1:]] == [r["theta_sha256"] for r in fleet_rows[1:]]
-    assert len({r["theta_sha256"] for r in sim_rows[1:]}) == 3  # theta moved every round
+    assert [r["theta_sha256"] for r in sim_rows[1:4]] == [r["theta_sha256"] for r in fleet_rows[1:4]]
+    assert len({r["theta_sha256"] for r in sim_rows[1:4]}) == 3  # theta moved every round
+    assert sim_rows[4]["head_sha256"] == fleet_rows[4]["head_sha256"] != sim_rows[0]["head_sha256"]
     # the head round's uplink and downlink: the class block is there exactly with virtual_classes
     lda_only = 8 * lda_stats_nbytes(10, 32, "full") / D  # the default covariance
     assert (sim_rows[0]["uplink_bpp"] > lda_only) == (loss == "virtual_classes")

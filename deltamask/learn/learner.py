@@ -17,9 +17,10 @@ import torch
 from torch import nn
 
 from deltamask.codecs import WEIGHTS, get_codec
-from deltamask.federation import HEAD, LDA, THRESHOLD, VIRTUAL_CLASSES, DeviceTask, Head, lda_projection, train_seed
+from deltamask.federation import (HEAD, LDA, REFIT, THRESHOLD, VIRTUAL_CLASSES, DeviceTask, Head, lda_projection,
+                                  train_seed)
 from deltamask.headwire import encode_head, encode_lda_stats, lda_width
-from deltamask.learn.masking import FIXED, IDENTITY, MaskedModule
+from deltamask.learn.masking import EXPECTED, FIXED, IDENTITY, MaskedModule
 from deltamask.learn import prefix_cache
 from deltamask.learn.prefix_cache import run_prefix
 from deltamask.learn.training import (Inputs, class_sums, evaluate, features_of, lda_statistics, linear_probe,
@@ -120,9 +121,14 @@ class LocalLearner:
         """The device's reply to `task`: its head share in a head round (`head` is the previous head
         round's result, or None), its encoded mask delta in a mask round (`head` frozen, `thresholds` the
         global theta as received), or its encoded weight update for a fine-tuning baseline's codec
-        (`offset`: the global weights less the pretrained ones)."""
+        (`offset`: the global weights less the pretrained ones); in the refit round its head share on the
+        final network (the expected mask of `thresholds`, or the weights of `offset`)."""
         if task.phase == HEAD:
             return self.head_share(task, name, head)
+        if task.phase == REFIT:
+            if thresholds is None and offset is None:
+                raise ValueError("a refit round needs the global theta (or the global weights' offset)")
+            return self.head_share(task, name, head, thresholds, offset)
         if get_codec(task.codec).carries == WEIGHTS:
             if head is None or offset is None:
                 raise ValueError("a weight round needs the head and the global weights' offset")
@@ -131,10 +137,18 @@ class LocalLearner:
             raise ValueError("a mask round needs the head and the global theta")
         return self.mask_update(task, name, head, thresholds, progress)
 
-    def head_share(self, task: DeviceTask, name: str, head: Optional[Head]) -> Reply:
-        """Features of the unmasked backbone -> a linear probe (from the current head), or LDA statistics."""
+    def head_share(self, task: DeviceTask, name: str, head: Optional[Head], thresholds: Optional[np.ndarray] = None,
+                   offset: Optional[np.ndarray] = None) -> Reply:
+        """Features of the unmasked backbone (of the expected network theta * w with `thresholds`, of the
+        fine-tuned weights with `offset`) -> a linear probe (from the current head), or LDA statistics."""
         m = self.model
-        m.masks.set_mode(FIXED, np.ones(m.d, dtype=bool))
+        if thresholds is not None:
+            m.masks.set_theta(thresholds_to_theta(thresholds))
+            m.masks.set_mode(EXPECTED)
+        else:
+            if offset is not None:
+                m.set_offset(offset)
+            m.masks.set_mode(FIXED, np.ones(m.d, dtype=bool))
         features = features_of(m.net[0], self.inputs)
         if task.head == LDA:
             covariance = task.lda_covariance
@@ -143,7 +157,7 @@ class LocalLearner:
                 projection = lda_projection(m.feature_dim, rank, task.seed)
                 features, covariance = features.double() @ torch.from_numpy(projection), "full"
             stats = lda_statistics(features, self.labels, m.num_classes, covariance)
-            if task.local.loss == VIRTUAL_CLASSES:  # and the class sums of the masked blocks' inputs
+            if task.local.loss == VIRTUAL_CLASSES and task.phase == HEAD:  # and the class sums of the blocks' inputs
                 stats = replace(stats, inputs=class_sums(self.inputs, self.labels, m.num_classes))
             payload = encode_lda_stats(stats, task.lda_covariance)
         else:

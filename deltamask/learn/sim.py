@@ -29,8 +29,8 @@ from deltamask.codecs import decode as decode_payload
 from deltamask.codecs import get_codec
 from deltamask.codecs.conditional import undecided
 from deltamask.errors import CheckpointError, DataError, DeltaMaskError
-from deltamask.federation import (HEAD, KEPT_BY, THRESHOLD, VIRTUAL_CLASSES, Aggregator, Kept, LocalTraining, Policy,
-                                  device_task, head_bits, keep_round, plan_round)
+from deltamask.federation import (HEAD, KEPT_BY, MASK, REFIT, THRESHOLD, VIRTUAL_CLASSES, Aggregator, Kept,
+                                  LocalTraining, Policy, device_task, head_bits, keep_round, plan_round)
 from deltamask.headwire import encode_head
 from deltamask.learn.masking import IDENTITY
 from deltamask.shards import RoundContext, Serial, aggregate
@@ -284,7 +284,7 @@ class Federation:
             work = self.open(plan)
             started = time.perf_counter()
             replies = self.fleet.work(work.task, plan.selected, work.head, work.thresholds, work.offset,
-                                      progress=None if plan.phase == HEAD else progress)
+                                      progress=progress if plan.phase == MASK else None)
             yield self.close(plan, work, replies, time.perf_counter() - started)
             index += 1
 
@@ -350,14 +350,16 @@ class Federation:
         c = self.config
         if plan.phase == HEAD:
             return Work(device_task(c, plan), self.agg.head)
+        if plan.phase == REFIT and get_codec(c.codec).carries != WEIGHTS:  # the head fitted on theta * w
+            return Work(device_task(c, plan), self.agg.head, decode_theta(self.wire, self.d), theta_wire=self.wire)
         if get_codec(c.codec).carries == WEIGHTS:
             return Work(device_task(c, plan), self.agg.head, offset=self.agg.offset.copy())
-        self.agg.open_mask(plan)
+        self.agg.open_mask(plan)  # a mask round
         return Work(device_task(c, plan), self.agg.head, decode_theta(self.wire, self.d), theta_wire=self.wire)
 
     def close(self, plan, work: Work, replies: Dict[str, Tuple[object, float]], seconds: float = 0.0) -> Dict:
         """Combine {name: (reply, seconds of its work)} (`seconds`: the whole round's wait for them)."""
-        if plan.phase == HEAD:
+        if plan.phase != MASK:
             return self._keep(self._close_head(plan, work, replies, seconds))
         row = self._close_weights(plan, replies) if work.offset is not None else self._close_mask(plan, work, replies)
         return self._keep({**row, "fleet_s": round(seconds, 3)})  # fleet_s: the selected devices' wall time
@@ -371,15 +373,24 @@ class Federation:
         return {**row, "kept_round": kept.round, "kept_accuracy": self.kept_accuracy}
 
     def _close_head(self, plan, work: Work, replies, seconds: float) -> Dict:
+        """A head round, or the refit (scored on the final network, as a mask round is)."""
         c, started = self.config, time.perf_counter()
         downlink = 8 * len(encode_head(*work.head)) / self.d if work.head is not None else 0.0  # a probe's start
-        shares = {name: (self.agg.decode_share(reply.payload), reply.examples) for name, (reply, _) in replies.items()}
-        self.agg.close_head(shares, plan.seed)
+        if work.theta_wire is not None:  # the refit: theta too
+            downlink += 8 * len(work.theta_wire) / self.d
+        shares = {name: (self.agg.decode_share(reply.payload, plan.phase), reply.examples)
+                  for name, (reply, _) in replies.items()}
+        self.agg.close_head(shares, plan.seed, plan.phase)
         self.heads_done += 1
-        bits = head_bits(c, self.agg.num_classes, self.agg.feature_dim, self.agg.input_dim)
-        return {"round": plan.index, "phase": HEAD, "head": c.head, "clients": len(plan.selected),
+        bits = head_bits(c, self.agg.num_classes, self.agg.feature_dim, self.agg.input_dim, plan.phase)
+        if plan.phase == REFIT:
+            scores = self.evaluate(self.agg.head, work.thresholds, plan.eval_seed,
+                                   c.tau if c.mask_rule == THRESHOLD else None, work.offset)
+        else:
+            scores = self.evaluate(self.agg.head)
+        return {"round": plan.index, "phase": plan.phase, "head": c.head, "clients": len(plan.selected),
                 "uplink_bpp": bits / self.d, "downlink_bpp": downlink, "head_sha256": _sha(encode_head(*self.agg.head)),
-                **self.evaluate(self.agg.head), "time_s": round(seconds + time.perf_counter() - started, 3)}
+                **scores, "time_s": round(seconds + time.perf_counter() - started, 3)}
 
     def _close_mask(self, plan, work: Work, replies) -> Dict:
         c, d = self.config, self.d
@@ -512,6 +523,14 @@ def _progress(total: int, enabled: bool):
 LOCAL_FLAGS = {f.name: f.name for f in dataclasses.fields(LocalTraining)}  # --epochs, --lr, ... set `local`
 
 
+def _flag(text: str) -> bool:
+    """A yes/no setting on the command line: 1/0, true/false, yes/no, on/off."""
+    words = {"1": True, "true": True, "yes": True, "on": True, "0": False, "false": False, "no": False, "off": False}
+    if text.lower() not in words:
+        raise argparse.ArgumentTypeError(f"expected 1/0, true/false, yes/no or on/off, got {text!r}")
+    return words[text.lower()]
+
+
 def parse_args(argv: Optional[List[str]] = None) -> Tuple[SimConfig, argparse.Namespace]:
     """The federation's configuration, and how to run it (--ray-workers, --ray-address: not part of the
     configuration, since they do not change a result)."""
@@ -527,7 +546,7 @@ def parse_args(argv: Optional[List[str]] = None) -> Tuple[SimConfig, argparse.Na
     fields = [f for f in dataclasses.fields(SimConfig) if f.name != "local"] + list(dataclasses.fields(LocalTraining))
     for f in fields:
         default = getattr(defaults.local if f.name in LOCAL_FLAGS else defaults, f.name)
-        kind = {int: int, float: float}.get(type(default), str)
+        kind = {int: int, float: float, bool: _flag}.get(type(default), str)
         parser.add_argument("--" + f.name.replace("_", "-"), type=kind, default=default, help=f"default: {default}")
     args = vars(parser.parse_args(argv))
     if args["weights"] in ("none", "None", ""):

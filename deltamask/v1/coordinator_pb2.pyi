@@ -22,6 +22,7 @@ class Phase(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     HEAD: _ClassVar[Phase]
     MASK: _ClassVar[Phase]
     DONE: _ClassVar[Phase]
+    REFIT: _ClassVar[Phase]
 DEVICE_KIND_UNSPECIFIED: DeviceKind
 RPI4: DeviceKind
 JETSON_NANO: DeviceKind
@@ -33,6 +34,7 @@ IDLE: Phase
 HEAD: Phase
 MASK: Phase
 DONE: Phase
+REFIT: Phase
 
 class RegisterRequest(_message.Message):
     __slots__ = ("name", "kind", "memory_bytes", "preferred_codec", "agent_version", "enrollment_token")
