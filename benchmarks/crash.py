@@ -82,7 +82,7 @@ class Devices:
                     return
                 if task.phase == pb.IDLE:
                     continue
-                if task.phase == pb.HEAD:
+                if task.phase in (pb.HEAD, pb.REFIT):  # no model here: the refit's head share needs no theta
                     payload, reference = encode_head(np.zeros((CLASSES, 0)), np.zeros(CLASSES)), ""
                 else:
                     try:

@@ -120,7 +120,7 @@ async def device(i: int, args, address: str, ca: bytes, token: str, stats: Stats
                 stats.latency["task_delivery"].append(time.time() - (task.deadline_unix_s - deadline_s))
                 await asyncio.sleep(args.train_s * (0.5 + np.random.random()))  # local training, elsewhere
                 try:
-                    if task.phase == pb.HEAD:
+                    if task.phase in (pb.HEAD, pb.REFIT):  # no model here: the refit's share needs no theta
                         payload, reference = encode_head(np.zeros((CLASSES, 0)), np.zeros(CLASSES)), ""
                     else:
                         chunks = [c async for c in stub.FetchTheta(pb.FetchRequest(round=task.round), metadata=md,

@@ -8,7 +8,7 @@ Each checkpoint (`deltamask-sim --checkpoint`) holds the run's configuration, it
 it travels. Every simulated device computes its LDA statistics on the features of the expected network
 theta * w (what `deltamask-server export` bakes), as a head round computes them on the unmasked one; the
 aggregator sums them into a new head (`Aggregator.close_head`: the sums do not depend on the split, so this is
-the head a refresh round of every device would give, at the head round's bits again). The network is scored
+the head the engine's refit round, `refit: true`, gives after that round, at the head round's bits again; tested). The network is scored
 with the old head (old_*), the re-fitted one (new_*) and one of the new class means with the old covariance
 (means_*).
 """
@@ -24,13 +24,11 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import numpy as np  # noqa: E402
 
-from deltamask.federation import (Aggregator, LocalTraining, bounded_weights, eval_seed, lda_head,  # noqa: E402
-                                  scale_stats)
-from deltamask.headwire import LdaStats, encode_lda_stats  # noqa: E402
-from deltamask.learn.masking import EXPECTED, FIXED  # noqa: E402
+from deltamask.federation import (HEAD, REFIT, Aggregator, LocalTraining, RoundPlan,  # noqa: E402
+                                  bounded_weights, device_task, eval_seed, lda_head, scale_stats)
+from deltamask.headwire import LdaStats  # noqa: E402
 from deltamask.learn.sim import SimConfig, build  # noqa: E402
-from deltamask.learn.training import features_of, lda_statistics  # noqa: E402
-from deltamask.sampling import round_seed, thresholds_to_theta  # noqa: E402
+from deltamask.sampling import round_seed  # noqa: E402
 from deltamask.thetawire import decode_theta  # noqa: E402
 
 
@@ -46,31 +44,28 @@ def config_of(meta) -> SimConfig:
     return SimConfig(**plain)
 
 
-def device_stats(model, learners, num_classes: int, agg: Aggregator, mode: str):
-    """{name: (LDA statistics, examples)} of every device on the network in mask `mode` (EXPECTED: theta * w as
-    set; FIXED: every weight kept), through the head round's wire format, as a device sends them."""
-    model.masks.set_mode(mode, np.ones(model.d, dtype=bool) if mode == FIXED else None)
-    shares = {}
-    for name, learner in learners.items():
-        stats = lda_statistics(features_of(model.net[0], learner.inputs), learner.labels, num_classes, "full")
-        shares[name] = (agg.decode_share(encode_lda_stats(stats, "full")), len(learner.labels))
-    return shares
+def shares(config: SimConfig, learners, agg: Aggregator, phase: str, thresholds=None):
+    """{name: (LDA statistics, examples)} of every device, as its learner sends them in a round of `phase`: HEAD
+    on the unmasked network, REFIT on the expected network of `thresholds` (decoded as the aggregator decodes)."""
+    plan = RoundPlan(0, phase, 0, tuple(sorted(learners)), len(learners))
+    task = device_task(config, plan)
+    return {name: (agg.decode_share(learner.work(task, name, None, thresholds).payload, phase), len(learner.labels))
+            for name, learner in learners.items()}
 
 
 def refit_heads(config: SimConfig, model, learners, num_classes: int, thresholds: np.ndarray):
-    """(the re-fit, the means-only re-fit). The re-fit: the FiT-LDA head of every device's statistics on the
-    expected network theta * w (`thresholds`: the global theta as it travels), combined as the head round combines
-    them (W and b; class anchors are not re-sent). The means-only re-fit: the class means of the expected
-    network with the head round's covariance (what a round that re-sends only the class sums and counts would
-    give: 10 x 1,280 float32 for MobileNetV2, 0.25 bpp)."""
+    """(the re-fit, the means-only re-fit). The re-fit: what the engine's refit round (`refit: true`) gives when
+    every device takes part, the FiT-LDA head of every device's statistics on the expected network theta * w
+    (`thresholds`: the global theta as it travels; W and b, the anchors stay). The means-only re-fit: the class
+    means of the expected network with the head round's covariance (what a round that re-sends only the class
+    sums and counts would give: 10 x 1,280 float32 for MobileNetV2, 0.25 bpp)."""
     plain = dataclasses.replace(config, local=dataclasses.replace(config.local, loss="local_classes"))
     agg = Aggregator(plain, model.d, num_classes, model.feature_dim)
-    model.masks.set_theta(thresholds_to_theta(thresholds))
-    new = device_stats(model, learners, num_classes, agg, EXPECTED)
-    old = device_stats(model, learners, num_classes, agg, FIXED)
+    new = shares(plain, learners, agg, REFIT, thresholds)
+    old = shares(plain, learners, agg, HEAD)
 
-    def summed(shares):  # weighted as close_head weighs them
-        ordered = [shares[name] for name in sorted(shares)]
+    def summed(replies):  # weighted as close_head weighs them
+        ordered = [replies[name] for name in sorted(replies)]
         weights = bounded_weights([n for _, n in ordered])
         stats = [scale_stats(s, w / max(float(s.counts.sum()), 1.0)) for (s, _), w in zip(ordered, weights)]
         sums, counts = sum(s.sums for s in stats), sum(s.counts for s in stats)
@@ -80,7 +75,7 @@ def refit_heads(config: SimConfig, model, learners, num_classes: int, thresholds
     _, _, second, between_old = summed(old)
     sums, counts, _, between_new = summed(new)
     means_only = lda_head([LdaStats(sums, counts, second - between_old + between_new)], config.lda_shrinkage)
-    return agg.close_head(new, 0), means_only
+    return agg.close_head(new, 0, REFIT), means_only
 
 
 def main(argv=None) -> int:

@@ -1,5 +1,5 @@
 """Parity on the embedded default: the simulator and a real coordinator with 3 agent processes, same policy,
-data split and seeds, must produce the same head and theta bytes after every round.
+data split and seeds, must produce the same head and theta bytes after every round (the refit round: its head).
 
     python benchmarks/parity.py [--rounds 3] [--samples 3000]     # one JSON object on stdout
 
@@ -49,7 +49,7 @@ def main(argv=None) -> int:
     sim = [json.loads(line) for line in out.stdout.splitlines()][1:]
     closed = [r for r in fleet if r["state"] == "closed"]
     pairs = list(zip(sim, closed))
-    key = {"head": "head_sha256", "mask": "theta_sha256"}
+    key = {"head": "head_sha256", "mask": "theta_sha256", "refit": "head_sha256"}
     same = [a["round"] == b["round"] and a[key[a["phase"]]] == b.get(key[a["phase"]]) for a, b in pairs]
     print(json.dumps({"rounds": len(sim), "identical_rounds": sum(same), "mask_rounds": args.rounds,
                       "fleet_rounds": len(closed), "samples": args.samples,

@@ -33,8 +33,8 @@ import numpy as np
 
 from deltamask.codecs import decode as decode_payload
 from deltamask.errors import PayloadError
-from deltamask.federation import (HEAD, KEPT_BY, MASK, REFIT, Aggregator, DeviceTask, device_task, eval_seed, head_bits,
-                                  keep_round, kept_of, plan_round)
+from deltamask.federation import (HEAD, KEPT_BY, MASK, REFIT, Aggregator, DeviceTask, device_task, eval_seed,
+                                  head_bits, keep_round, kept_of, plan_round, resolved)
 from deltamask.headwire import encode_head
 from deltamask.rounds import rebuild_client_mask
 from deltamask.shards import SERIAL, RoundContext, aggregate, make_executor
@@ -88,7 +88,7 @@ class Conflict(CoordinatorError):
 @dataclass(frozen=True)
 class ModelFacts:
     """What every device must agree on: d, the canonical layout digest, the feature size (and, for
-    virtual_classes, the size of one example of the masked blocks' inputs)."""
+    virtual_classes or auto, the size of one example of the masked blocks' inputs; 0 for a text backbone)."""
 
     d: int
     layout_digest: str
@@ -155,6 +155,7 @@ class Coordinator:
                  clock: Callable[[], float] = time.time,
                  evaluate: Optional[Callable[[np.ndarray, Optional[bytes]], Dict]] = None,
                  on_round: Optional[Callable[[Dict], None]] = None) -> None:
+        config = resolved(config, facts.input_dim, config.num_classes, facts.feature_dim)  # local.loss auto -> a loss
         self.config, self.facts, self.store, self.clock = config, facts, store, clock
         self.evaluate, self.on_round = evaluate, on_round
         self.metrics = None  # server.metrics.Metrics when metrics_listen is set: updates and rounds are counted

@@ -5,7 +5,7 @@ from typing import Dict, Optional
 
 import numpy as np
 
-from deltamask.federation import VIRTUAL_CLASSES, Head
+from deltamask.federation import AUTO, VIRTUAL_CLASSES, Head
 from server.config import ServerConfig
 from server.coordinator import ModelFacts
 
@@ -22,7 +22,7 @@ def model_facts(config: ServerConfig) -> ModelFacts:
     if config.d is not None and config.d != model.d:
         raise ValueError(f"config says d = {config.d}, but {config.backbone} with {config.blocks} masked blocks "
                          f"has d = {model.d}")
-    virtual = config.local.loss == VIRTUAL_CLASSES
+    virtual = config.local.loss in (VIRTUAL_CLASSES, AUTO)  # auto: the coordinator resolves it with input_dim
     return ModelFacts(model.d, model.masks.layout_digest(), model.feature_dim, model.input_dim if virtual else 0)
 
 

@@ -8,6 +8,7 @@ from pathlib import Path
 import pytest
 
 from deltamask.errors import PayloadError
+from deltamask.federation import LocalTraining
 from deltamask.v1 import coordinator_pb2 as pb
 from edge_client.agent import Agent
 from edge_client.config import AgentConfig, DataConfig
@@ -48,7 +49,7 @@ def coordinator(request, tmp_path, monkeypatch):
     Corrupting.fetches, Corrupting.corrupt = [], {1}
     config = ServerConfig(state_dir=str(tmp_path / "state"), backbone="tiny", weights=None, image_size=16,
                           expected_clients=1, min_quorum=1, rounds=2, round_deadline_s=4, heartbeat_interval_s=2,
-                          codec="exact", head=request.param, lda_rank=16)
+                          codec="exact", head=request.param, lda_rank=16, local=LocalTraining(epochs=1))
     c = Coordinator(config, model_facts(config), Store(config.state_dir))
     tls = tls_files(tmp_path / "tls")
     server = service.Server(c, "127.0.0.1:0", tls=tls)

@@ -140,7 +140,7 @@ def test_the_coordinator_refuses_the_simulator_only_baselines():
 
 # --- the simulator on the tiny backbone -----------------------------------------------------------------
 TINY = dict(backbone="tiny", weights=None, image_size=16, dataset="digits", train_samples=0, test_samples=0,
-            clients=3, rounds=2, min_per_client=5, local=LocalTraining(batch_size=32, weight_lr=1e-3))
+            clients=3, rounds=2, min_per_client=5, refit=False, local=LocalTraining(epochs=1, batch_size=32, weight_lr=1e-3))
 
 
 @pytest.fixture(scope="module")

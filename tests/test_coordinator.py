@@ -25,7 +25,7 @@ class Clock:
 def make(tmp_path, clock, **kw) -> Coordinator:
     config = ServerConfig(**{**dict(state_dir=str(tmp_path / "state"), backbone=None, d=D, num_classes=CLASSES,
                                     expected_clients=3, min_quorum=2, rounds=3, round_deadline_s=100,
-                                    heartbeat_interval_s=10, codec="exact", head="linear_probe"), **kw})
+                                    heartbeat_interval_s=10, codec="exact", head="linear_probe", refit=False), **kw})
     return Coordinator(config, ModelFacts(D, "layout", FEATURES), Store(config.state_dir), clock=clock)
 
 

@@ -28,7 +28,7 @@ def test_a_torch_free_client_does_a_head_round_and_a_mask_round(tmp_path):
     state = tmp_path / "state"
     config = {"listen": f"127.0.0.1:{port}", "state_dir": str(state), "backbone": "tiny", "tls": tls_config(state),
               "weights": None, "image_size": 16, "expected_clients": 1, "min_quorum": 1, "rounds": 1,
-              "heartbeat_interval_s": 30, "exit_when_done": True, "head": "linear_probe", "local": {"head_epochs": 1}}
+              "heartbeat_interval_s": 30, "exit_when_done": True, "head": "linear_probe", "local": {"epochs": 1, "head_epochs": 1}}
     (tmp_path / "server.yaml").write_text(yaml.safe_dump(config))
     python = os.environ.get("DELTAMASK_SERVER_PYTHON", sys.executable)
     env = {**os.environ, "PYTHONPATH": str(ROOT), "HF_HUB_OFFLINE": "1"}
@@ -61,10 +61,18 @@ def test_a_torch_free_client_does_a_head_round_and_a_mask_round(tmp_path):
                                                     reference_digest=upload.reference_digest), upload.payload, backoff)
         assert reply.accepted and not reply.duplicate
         task = stub.GetTask(pb.TaskRequest(device_id=device, after_round=task.round, wait_s=30), timeout=60)
+        assert task.phase == pb.REFIT  # the head round again, on theta * w: theta travels as in a mask round
+        wire = fetch_theta(stub, device, task.round, 1 << 20, backoff)
+        assert theta_digest(wire) == task.theta_digest
+        reply = submit_update(stub, pb.UpdateHeader(device_id=device, round=task.round,
+                                                    metrics=pb.Metrics(num_examples=1)), head, backoff)
+        assert reply.accepted
+        task = stub.GetTask(pb.TaskRequest(device_id=device, after_round=task.round, wait_s=30), timeout=60)
         assert task.phase == pb.DONE
         assert server.wait(60) == 0
         rounds = [yaml.safe_load(line) for line in server.stdout.read().decode().splitlines()]
-        assert [(r["round"], r["phase"], r["received"]) for r in rounds] == [(0, "head", 1), (1, "mask", 1)]
+        assert [(r["round"], r["phase"], r["received"]) for r in rounds] == [(0, "head", 1), (1, "mask", 1),
+                                                                              (2, "refit", 1)]
     finally:
         if server.poll() is None:
             server.kill()

@@ -39,7 +39,7 @@ def federation(tmp_path_factory):
     settings = {"state_dir": str(folder / "state"), "backbone": "tiny", "weights": None, "image_size": 16,
                 "num_classes": 10, "expected_clients": 2, "min_quorum": 2, "rounds": 2, "head": "lda",
                 "lda_covariance": "diag", "codec": "exact", "insecure": True, "theta0": 0.9,
-                "evaluation": {"dataset": "digits", "samples": 300, "seed": 1}, "local": {"batch_size": 32},
+                "evaluation": {"dataset": "digits", "samples": 300, "seed": 1}, "local": {"epochs": 1, "batch_size": 32},
                 "keep": "last", "refit": True}
     (folder / "server.yaml").write_text(yaml.safe_dump(settings))
     config = load_config(folder / "server.yaml")

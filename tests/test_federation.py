@@ -36,7 +36,7 @@ def test_head_phase_lengths_and_the_end_of_the_federation():
     probe = Policy(head="linear_probe", head_rounds=3, head_rho=0.5)
     assert [plan_round(probe, i, i, 0, NAMES).phase for i in range(4)] == [HEAD, HEAD, HEAD, MASK]
     assert len(plan_round(probe, 0, 0, 0, NAMES).selected) == 15
-    assert plan_round(Policy(rounds=2), 9, 1, 2, NAMES) is None
+    assert plan_round(Policy(rounds=2, refit=False), 9, 1, 2, NAMES) is None
     task = device_task(probe, plan_round(probe, 0, 0, 0, NAMES))
     assert task.head == "linear_probe" and task.local == LocalTraining()
 
@@ -47,7 +47,7 @@ def test_the_refit_is_one_head_round_of_head_rho_after_the_last_mask_round():
     assert [p.phase if p else None for p in phases] == [HEAD, MASK, MASK, REFIT, None]
     assert len(phases[3].selected) == len(NAMES) and len(phases[1].selected) == 6  # head_rho 1, rho 0.2
     assert device_task(refit, phases[3]).phase == REFIT
-    assert refit.finished(2, 2) and not refit.finished(1, 2) and Policy(rounds=2).finished(1, 2)
+    assert refit.finished(2, 2) and not refit.finished(1, 2) and Policy(rounds=2, refit=False).finished(1, 2)
     probe = Policy(head="linear_probe", head_rounds=2, rounds=1, refit=True)  # linear probing: one round more
     assert [plan_round(probe, i, h, m, NAMES).phase for i, h, m in [(0, 0, 0), (1, 1, 0), (2, 2, 0), (3, 2, 1)]] == \
         [HEAD, HEAD, MASK, REFIT]

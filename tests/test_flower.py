@@ -17,7 +17,7 @@ from deltamask.flower import apps, sim_config, task_from_text, task_text  # noqa
 from deltamask.learn.sim import SimConfig, run  # noqa: E402
 
 TINY = dict(backbone="tiny", weights=None, image_size=16, dataset="digits", train_samples=0, test_samples=0,
-            clients=3, rho=0.67, rounds=3, min_per_client=5, local=LocalTraining(head_epochs=3, batch_size=32))
+            clients=3, rho=0.67, rounds=3, min_per_client=5, local=LocalTraining(epochs=1, head_epochs=3, batch_size=32))
 
 
 def _strip(rows):  # timings differ from run to run; everything else must not
@@ -46,7 +46,7 @@ def test_flower_simulation_gives_the_simulators_rounds(tmp_path, extra):
     lines = [json.loads(line) for line in path.read_text().splitlines()]
     assert lines[0]["config"]["codec"] == config.codec
     flower, own = lines[1:], _sequential(config)
-    assert [r["phase"] for r in own] == ["head"] * config.head_phase_rounds + ["mask"] * 3
+    assert [r["phase"] for r in own] == ["head"] * config.head_phase_rounds + ["mask"] * 3 + ["refit"]
     assert len({r["theta_sha256"] for r in own if r["phase"] == "mask"}) == 3  # theta moves every round
     assert [r["clients"] for r in own if r["phase"] == "mask"] == [2, 2, 2]  # K = 2 of 3 a round
     assert _strip(flower) == _strip(own)

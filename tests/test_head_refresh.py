@@ -9,7 +9,7 @@ from tests.scripts import load_script
 from tests.test_sim import TINY
 
 refresh = load_script("head_refresh")
-CONFIG = dict(TINY, head="lda", lda_covariance="full", clients=3, rounds=2, rho=1.0, theta0=0.99)
+CONFIG = dict(TINY, head="lda", lda_covariance="full", clients=3, rounds=2, rho=1.0, theta0=0.99, refit=False)
 
 
 def test_a_refit_on_the_untouched_network_is_the_head_round_s_head(tmp_path):
@@ -40,3 +40,20 @@ def test_the_script_scores_the_old_and_the_re_fit_head_on_the_round_s_sample(tmp
     for key in ("accuracy", "accuracy_expected", "accuracy_mode"):
         assert row[f"old_{key}"] == rows[-1][key]
     assert 0 <= row["new_accuracy_expected"] <= 1 and 0 <= row["means_accuracy_expected"] <= 1
+
+
+def test_the_benchmark_s_re_fit_is_the_head_of_the_engine_s_refit_round(tmp_path):
+    """refit: true runs the same re-fit as a round: every device's statistics on theta * w, summed."""
+    import dataclasses
+
+    config = SimConfig(**dict(CONFIG, refit=True))
+    rows = list(run(config, progress=False, checkpoint=tmp_path / "run.npz"))
+    assert [r["phase"] for r in rows] == ["head", "mask", "mask", "refit"]
+    model, learners, _, num_classes = build(config, held_out=False)
+    meta, wire, (weight, bias) = refresh.load(tmp_path / "run.npz")  # after the refit round: its head
+    from deltamask.thetawire import decode_theta
+
+    plain = dataclasses.replace(config, refit=False)
+    full, _ = refresh.refit_heads(plain, model, learners, num_classes, decode_theta(wire, model.d))
+    assert np.array_equal(full[0], weight) and np.array_equal(full[1], bias)  # W and b (the anchors stay)
+    assert rows[-1]["head_sha256"] != rows[0]["head_sha256"]

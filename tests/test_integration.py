@@ -139,13 +139,14 @@ def test_three_clients_three_rounds_match_an_offline_reaggregation(fleet):
     assert [f.wait(c) for c in f.clients] == [0, 0, 0]
     rows = f.summaries()
     assert [(r["round"], r["phase"], r["state"], r["received"]) for r in rows] == [
-        (0, "head", "closed", 3), (1, "mask", "closed", 3), (2, "mask", "closed", 3), (3, "mask", "closed", 3)]
+        (0, "head", "closed", 3), (1, "mask", "closed", 3), (2, "mask", "closed", 3), (3, "mask", "closed", 3),
+        (4, "refit", "closed", 3)]  # the head round again on theta * w (refit: true, the default)
     assert all(0 < r["uplink_bpp"] for r in rows) and all(r["downlink_bpp"] > 0 for r in rows[1:])
     assert all("accuracy" not in r for r in rows)  # no evaluation data configured
     state = f.folder / "state"
     db = sqlite3.connect(state / "coordinator.db")
-    metrics = [json.loads(m) for (m,) in db.execute("SELECT metrics FROM updates WHERE round > 0")]
-    assert len(metrics) == 9
+    metrics = [json.loads(m) for (m,) in db.execute("SELECT metrics FROM updates WHERE round BETWEEN 1 AND 3")]
+    assert len(metrics) == 9  # the mask rounds' (a head share can take less CPU than the clock's tick)
     for m in metrics:  # what each agent measured and sent with its update (psutil, timings, the codec)
         assert m["peak_rss_bytes"] > 10 << 20 and m["cpu_s"] > 0 and m["train_s"] > 0 and m["num_examples"] > 0
         assert m["delta"] >= m["kept"] and m["energy_meter"] == "" and m["energy_j"] == 0

@@ -47,7 +47,7 @@ def fleet(tmp_path_factory):
     state = tmp_path / "state"
     config = {"listen": f"127.0.0.1:{port}", "state_dir": str(state), "backbone": "tiny", "tls": tls_config(state),
               "weights": None, "image_size": 16, "expected_clients": 1, "min_quorum": 1, "rounds": 2,
-              "heartbeat_interval_s": 30, "head": "linear_probe", "local": {"head_epochs": 1},
+              "heartbeat_interval_s": 30, "head": "linear_probe", "local": {"epochs": 1, "head_epochs": 1},
               "metrics_listen": f"127.0.0.1:{metrics_port}",
               "evaluation": {"dataset": "digits", "samples": 100, "seed": 1}}
     (tmp_path / "server.yaml").write_text(yaml.safe_dump(config))

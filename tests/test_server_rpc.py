@@ -33,7 +33,7 @@ def operator(coordinator) -> str:
     return path.read_text().strip()
 
 CONFIG = dict(backbone="tiny", weights=None, image_size=16, expected_clients=1, min_quorum=1, rounds=3,
-              heartbeat_interval_s=30, head="linear_probe", local=LocalTraining(head_epochs=1))
+              heartbeat_interval_s=30, head="linear_probe", local=LocalTraining(epochs=1, head_epochs=1))
 
 
 def start(tmp_path: Path, chunk_bytes: int = 1 << 20, **overrides):

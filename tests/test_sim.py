@@ -14,7 +14,7 @@ from deltamask.learn.sim import SimConfig, parse_args, run
 ROOT = Path(__file__).resolve().parents[1]
 TINY = dict(backbone="tiny", weights=None, image_size=16, dataset="digits", train_samples=0, test_samples=0,
             clients=3, rounds=2, min_per_client=5, head="linear_probe",
-            local=LocalTraining(head_epochs=5, batch_size=32))
+            local=LocalTraining(epochs=1, head_epochs=5, batch_size=32))
 
 
 @pytest.mark.parametrize("codec", ["bfuse8", "exact", "rawmask"])
@@ -122,11 +122,13 @@ def test_a_run_killed_in_any_round_resumes_from_its_checkpoint_to_the_same_rows(
 
 def test_cli_prints_json_lines_and_a_clear_error(tmp_path):
     args = ["--backbone", "tiny", "--weights", "none", "--image-size", "16", "--dataset", "digits",
-            "--train-samples", "0", "--test-samples", "0", "--clients", "2", "--rounds", "1", "--min-per-client", "5"]
+            "--train-samples", "0", "--test-samples", "0", "--clients", "2", "--rounds", "1", "--min-per-client", "5",
+            "--epochs", "1"]
     out = subprocess.run([sys.executable, "-m", "deltamask.learn.sim", *args], capture_output=True, text=True, cwd=ROOT)
     assert out.returncode == 0, out.stderr
     lines = [json.loads(line) for line in out.stdout.splitlines()]
-    assert "config" in lines[0] and [r["round"] for r in lines[1:]] == [0, 1]
+    assert "config" in lines[0] and [(r["round"], r["phase"]) for r in lines[1:]] == [(0, "head"), (1, "mask"),
+                                                                                      (2, "refit")]
     bad = subprocess.run([sys.executable, "-m", "deltamask.learn.sim", *args, "--dataset", "cifar10", "--data-root",
                           str(ROOT / "no-such-folder")], capture_output=True, text=True, cwd=ROOT)
     assert bad.returncode == 2 and "error:" in bad.stderr and "Traceback" not in bad.stderr

@@ -30,7 +30,7 @@ from deltamask.codecs import get_codec
 from deltamask.codecs.conditional import undecided
 from deltamask.errors import CheckpointError, DataError, DeltaMaskError
 from deltamask.federation import (HEAD, KEPT_BY, MASK, REFIT, THRESHOLD, VIRTUAL_CLASSES, Aggregator, Kept,
-                                  LocalTraining, Policy, device_task, head_bits, keep_round, plan_round)
+                                  LocalTraining, Policy, device_task, head_bits, keep_round, plan_round, resolved)
 from deltamask.headwire import encode_head
 from deltamask.learn.masking import IDENTITY
 from deltamask.shards import RoundContext, Serial, aggregate
@@ -252,9 +252,10 @@ class Federation:
         self.prefix_s = time.perf_counter() - started
         self.fleet = fleet or InProcess(learners)  # who trains the selected devices: here, or Ray actors
         self.shards = shards or getattr(fleet, "shards", None) or Serial()  # who decodes and sums their uploads
-        self.d = self.model.d
+        self.d, input_dim = self.model.d, self.model.input_dim
+        self.config = c = resolved(c, input_dim, num_classes, self.model.feature_dim)  # local.loss auto -> a loss
         self.agg = Aggregator(c, self.d, num_classes, self.model.feature_dim,
-                              self.model.input_dim if c.local.loss == VIRTUAL_CLASSES else 0)
+                              input_dim if c.local.loss == VIRTUAL_CLASSES else 0)
         self.heads_done = self.masks_done = 0
         self.wire = self.agg.theta_wire()  # the global theta as it travels, encoded once a round
         self.kept: Optional[Kept] = None  # the round whose model the federation leaves behind (keep_round)
