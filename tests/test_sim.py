@@ -13,7 +13,7 @@ from deltamask.learn.sim import SimConfig, parse_args, run
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = dict(backbone="tiny", weights=None, image_size=16, dataset="digits", train_samples=0, test_samples=0,
-            clients=3, rounds=2, min_per_client=5, head="linear_probe",
+            clients=3, rounds=2, min_per_client=5, head="linear_probe", refit=False,
             local=LocalTraining(epochs=1, head_epochs=5, batch_size=32))
 
 
