@@ -14,7 +14,7 @@ from deltamask.learn.sim import SimConfig, parse_args, run
 ROOT = Path(__file__).resolve().parents[1]
 TINY = dict(backbone="tiny", weights=None, image_size=16, dataset="digits", train_samples=0, test_samples=0,
             clients=3, rounds=2, min_per_client=5, head="linear_probe", refit=False,
-            local=LocalTraining(epochs=1, head_epochs=5, batch_size=32))
+            local=LocalTraining(epochs=1, head_epochs=5, batch_size=32, loss="local_classes"))
 
 
 @pytest.mark.parametrize("codec", ["bfuse8", "exact", "rawmask"])
@@ -135,9 +135,9 @@ def test_cli_prints_json_lines_and_a_clear_error(tmp_path):
     assert parse_args(["--weights", "none"])[0].weights is None
     resumed = [sys.executable, "-m", "deltamask.learn.sim", *args, "--checkpoint", str(tmp_path / "run.npz")]
     first = subprocess.run(resumed, capture_output=True, text=True, cwd=ROOT)
-    assert [json.loads(line).get("round") for line in first.stdout.splitlines()] == [None, 0, 1]
+    assert [json.loads(line).get("round") for line in first.stdout.splitlines()] == [None, 0, 1, 2]
     done = subprocess.run(resumed, capture_output=True, text=True, cwd=ROOT)  # finished: the config line alone
-    assert done.returncode == 0 and len(done.stdout.splitlines()) == 1 and "resuming at round 2" in done.stderr
+    assert done.returncode == 0 and len(done.stdout.splitlines()) == 1 and "resuming at round 3" in done.stderr
     other = subprocess.run(resumed + ["--seed", "7"], capture_output=True, text=True, cwd=ROOT)
     assert other.returncode == 2 and "another configuration (seed differ)" in other.stderr
 
