@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from deltamask.federation import LOCAL_CLASSES, VIRTUAL_CLASSES, Head, LocalTraining
+from deltamask.federation import AUTO, LOCAL_CLASSES, VIRTUAL_CLASSES, Head, LocalTraining
 from deltamask.headwire import LdaStats
 from deltamask.learn.masking import EXPECTED, FIXED, SAMPLE, MaskedModule
 
@@ -93,7 +93,7 @@ def _fit(net: nn.Module, optimizer: torch.optim.Optimizer, inputs: Inputs, label
             optimizer.zero_grad(set_to_none=True)
             x, y = take(inputs, index), labels[index]
             logits = net(x)
-            if local.loss == LOCAL_CLASSES:
+            if local.loss in (LOCAL_CLASSES, AUTO):  # auto not made concrete (federation.resolved): local classes
                 if absent is None:
                     absent = torch.bincount(labels, minlength=logits.shape[1]) == 0
                 logits = logits.masked_fill(absent, float("-inf"))
